@@ -1,0 +1,1 @@
+"""wasisup: a gunicorn-style supervisor for WebAssembly components of the wasi:http/proxy world."""
