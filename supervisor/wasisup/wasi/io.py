@@ -324,9 +324,16 @@ class InboundPipe(_Pipe):
             self._eof = True
             self._changed()
 
+    @staticmethod
+    def trailers() -> None:
+        """Upstream trailers are not kept (urllib3 drops them)."""
+        return None
+
 
 class OutboundPipe(_Pipe):
     """Guest -> host thread: the body of an outbound request."""
+
+    aborted = False
 
     def ready(self) -> bool:
         return self._size < self.limit or self._abandoned or self._eof
@@ -345,14 +352,18 @@ class OutboundPipe(_Pipe):
     def flush(self) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, trailers: Any = None) -> None:
+        """The guest finished the body (trailers are not sent: urllib3 cannot)."""
         with self._cond:
             self._eof = True
             self._cond.notify_all()
 
-    @property
-    def finished(self) -> bool:
-        return self._eof
+    def abort(self) -> None:
+        """The guest dropped the body unfinished: the request must fail, not end short."""
+        with self._cond:
+            self.aborted = True
+            self._eof = True
+            self._cond.notify_all()
 
     def take(self) -> Optional[bytes]:
         """The next chunk, waiting for the guest to write it; None once it finished."""

@@ -1,0 +1,1 @@
+"""HTTP: the server clients talk to, and the client guests send requests with."""

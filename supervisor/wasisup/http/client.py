@@ -1,0 +1,168 @@
+"""Outbound HTTP for guests (wasi:http/outgoing-handler): urllib3's keep-alive pools.
+
+Each outgoing request runs on a client thread: it streams the guest's body from a pipe as the
+guest writes it, resolves the guest's future with the response head, then pumps the response
+body into another pipe the guest reads (bounded: a slow guest slows the upstream read).
+Failures become the wasi:http ``error-code`` the guest would get from wasmtime.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError,
+    ReadTimeoutError, SSLError,
+)
+from urllib3.util import SKIP_HEADER
+
+from ..wasi.abi import Err
+from ..wasi.http import (
+    FutureIncomingResponse, Fields, IncomingResponse, OutgoingRequest, RequestOptions,
+    attach_body, method_wire, scheme_wire,
+)
+from ..wasi.io import InboundPipe, IoError, OutboundPipe, Waker
+
+log = logging.getLogger("wasisup.outbound")
+
+DEFAULT_TIMEOUT_NS = 600 * 10**9  # wasmtime's default for every request-options timeout
+READ_SIZE = 64 * 1024
+
+
+class BodyAborted(Exception):
+    """The guest dropped the request body without finishing it."""
+
+
+def _seconds(ns: Optional[int]) -> float:
+    return (ns if ns is not None else DEFAULT_TIMEOUT_NS) / 1e9
+
+
+class OutboundClient:
+    """Sends guest requests; ``allow`` (host patterns, ``*`` wildcards) limits where to."""
+
+    def __init__(self, allow: tuple[str, ...] = (), max_connections: int = 64) -> None:
+        self.allow = tuple(pattern.lower() for pattern in allow)
+        self.pool = urllib3.PoolManager(num_pools=64, maxsize=max_connections, block=False,
+                                        retries=False)
+        self.threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="wasisup-out")
+
+    def allowed(self, authority: str) -> bool:
+        if not self.allow:
+            return True
+        host = authority.rsplit("@", 1)[-1]
+        host_only = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return any(fnmatch.fnmatchcase(candidate.lower(), pattern)
+                   for pattern in self.allow for candidate in (host, host_only))
+
+    def send(self, request: OutgoingRequest, options: RequestOptions,
+             waker: Waker) -> FutureIncomingResponse:
+        """wasi:http/outgoing-handler.handle: validate now, send on a client thread."""
+        authority = request.authority()
+        if not authority:
+            raise Err(("HTTP-request-URI-invalid"))
+        scheme = scheme_wire(request.scheme() or "HTTPS")
+        if scheme not in ("http", "https"):
+            raise Err(("HTTP-protocol-error"))
+        if not self.allowed(authority):
+            raise Err("HTTP-request-denied")
+        future = FutureIncomingResponse(waker)
+        pipe = OutboundPipe(waker)
+        body = request.outgoing_body
+        if body is not None:
+            attach_body(body, pipe)
+        else:
+            pipe.finish(None)
+        url = f"{scheme}://{authority}{request.path_with_query() or '/'}"
+        self.threads.submit(self._exchange, method_wire(request.method()), url,
+                            request.header_fields.pairs(), pipe, options, future)
+        return future
+
+    def _exchange(self, method: str, url: str, headers: list[tuple[str, bytes]],
+                  body: OutboundPipe, options: RequestOptions, future: FutureIncomingResponse) -> None:
+        sent_headers: dict[str, Any] = {"user-agent": SKIP_HEADER, "accept-encoding": SKIP_HEADER}
+        for name, value in headers:
+            text = value.decode("latin-1")
+            sent_headers[name] = f"{sent_headers[name]}, {text}" if isinstance(
+                sent_headers.get(name), str) else text
+        timeout = urllib3.Timeout(connect=_seconds(options.connect),
+                                  read=_seconds(options.first_byte))
+        try:
+            response = self.pool.urlopen(
+                method, url, body=_chunks(body), headers=sent_headers, redirect=False,
+                retries=False, preload_content=False, decode_content=False, timeout=timeout,
+                assert_same_host=False)
+        except Exception as exc:  # every failure is the guest's error-code, none is ours
+            body.abandon()
+            future.resolve(Err(error_code(exc, before_response=True)))
+            return
+        sock = getattr(response.connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(_seconds(options.between_bytes))
+        pipe = InboundPipe(future.waker)
+        fields = Fields.from_pairs([(k.encode("latin-1"), v.encode("latin-1"))
+                                    for k, v in response.headers.items()])
+        future.resolve(IncomingResponse(response.status, fields, pipe, future.waker))
+        self._pump(response, pipe)
+
+    @staticmethod
+    def _pump(response: Any, pipe: InboundPipe) -> None:
+        try:
+            while True:
+                chunk = response.read1(READ_SIZE)
+                if not chunk:
+                    break
+                if not pipe.put(chunk):  # the guest dropped the body
+                    response.close()
+                    return
+        except Exception as exc:
+            response.close()
+            code = error_code(exc, before_response=False)
+            pipe.finish(IoError(f"reading the upstream response failed: {exc}", code))
+            return
+        response.release_conn()
+        pipe.finish()
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        self.pool.clear()
+
+
+def _chunks(body: OutboundPipe) -> Iterator[bytes]:
+    while True:
+        chunk = body.take()
+        if chunk is None:
+            if body.aborted:
+                raise BodyAborted("the guest dropped the request body without finishing it")
+            return
+        yield chunk
+
+
+def error_code(exc: BaseException, before_response: bool) -> Any:
+    """The wasi:http error-code for a client failure."""
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, NameResolutionError) or isinstance(exc, socket.gaierror):
+        return ("DNS-error", {"rcode": "address not available", "info-code": 0})
+    if isinstance(exc, ConnectTimeoutError):
+        return "connection-timeout"
+    if isinstance(exc, NewConnectionError):
+        cause = exc.__context__ or exc.__cause__
+        if isinstance(cause, socket.gaierror):
+            return ("DNS-error", {"rcode": "address not available", "info-code": 0})
+        return "connection-refused"
+    if isinstance(exc, ReadTimeoutError) or isinstance(exc, TimeoutError):
+        return "connection-read-timeout"
+    if isinstance(exc, SSLError) or isinstance(exc, ssl.SSLError):
+        text = str(exc)
+        return "TLS-certificate-error" if "CERTIFICATE" in text.upper() else "TLS-protocol-error"
+    if isinstance(exc, BodyAborted):
+        return ("internal-error", str(exc))
+    if isinstance(exc, ProtocolError):
+        return "connection-terminated" if before_response else "HTTP-response-incomplete"
+    return ("internal-error", str(exc) or type(exc).__name__)

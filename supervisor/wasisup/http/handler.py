@@ -1,0 +1,261 @@
+"""What happens to a request: h11 request -> guest's incoming-handler -> streamed response.
+
+``GuestHandler`` builds the ``incoming-request`` (its body read from the connection on demand,
+so the guest gets back-pressure) and a ``response-outparam`` whose response is written to the
+connection as soon as the guest sets it. A guest that traps or never answers gets a 500 if
+nothing was sent yet; otherwise the connection is cut so the client sees an incomplete body.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from http import HTTPStatus
+from typing import Any, Optional
+
+import h11
+
+from ..runtime import GuestTrap, Runtime
+from ..wasi.abi import Err, Trap
+from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
+from ..wasi.io import WRITE_BUDGET, IoError, StreamClosed, StreamFailed
+from .server import Connection, http_date
+
+log = logging.getLogger("wasisup.request")
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class ClientBody:
+    """The request body as a byte source for the guest, pulled from the connection on demand."""
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+        self.received = 0
+        self.too_large = False
+        self._chunks: list[bytes] = []
+        self._done = conn.h11.their_state is not h11.SEND_BODY
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._error: Optional[IoError] = None
+
+    def _pull(self) -> None:
+        """Move whatever body bytes are available now into the buffer, without blocking."""
+        conn = self.conn
+        if conn.h11.they_are_waiting_for_100_continue:
+            conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+        while not (self._chunks or self._done or self._error):
+            try:
+                event = conn.next_event(block=False)
+            except h11.RemoteProtocolError as exc:
+                self._fail(f"malformed request body: {exc}", ("HTTP-protocol-error"))
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Data):
+                self.received += len(event.data)
+                if self.limit and self.received > self.limit:
+                    self.too_large = True
+                    self._fail("request body exceeds the server's limit",
+                               ("HTTP-request-body-size", self.received))
+                    return
+                self._chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self._done = True
+                self._trailers = list(event.headers) or None
+            else:  # ConnectionClosed: the client went away mid-body
+                self._fail("client closed the connection before the body ended",
+                           "HTTP-request-body-size")
+
+    def _fail(self, message: str, code: Any) -> None:
+        self.conn.must_close = True
+        self._error = IoError(message, code)
+
+    def ready(self) -> bool:
+        self._pull()
+        return bool(self._chunks) or self._done or self._error is not None
+
+    def wait_fd(self) -> tuple[int, bool]:
+        return self.conn.fileno(), False
+
+    def read(self, size: int) -> bytes:
+        self._pull()
+        if self._chunks:
+            chunk = self._chunks.pop(0)
+            if len(chunk) > size:
+                self._chunks.insert(0, chunk[size:])
+                chunk = chunk[:size]
+            return chunk
+        if self._error is not None:
+            raise StreamFailed(self._error)
+        if self._done:
+            raise StreamClosed()
+        return b""
+
+    def trailers(self) -> Optional[list[tuple[bytes, bytes]]]:
+        return self._trailers
+
+    def close(self) -> None:
+        """The guest is done with the body; the server drains or closes what is left."""
+
+
+class ResponseWriter:
+    """Writes the guest's response to the connection: the transport of its outgoing-body."""
+
+    def __init__(self, conn: Connection, method: bytes) -> None:
+        self.conn = conn
+        self.head_only = method == b"HEAD"
+        self.state = "pending"  # -> "streaming" -> "done" | "aborted"
+        self.status = 0
+        self.chunked = False
+
+    # -- the response-outparam callback
+    def deliver(self, outcome: Any) -> None:
+        if self.state != "pending":
+            raise Trap("response-outparam.set called twice")
+        if isinstance(outcome, Err):
+            self.send_error(500, f"the guest reported an error: {_describe(outcome.value)}")
+            return
+        response: OutgoingResponse = outcome.value
+        self.status = response.status
+        self.chunked = (self.conn.h11.their_http_version == b"1.1"
+                        and response.header_fields.first("content-length") is None)
+        headers = [(name, value) for name, value in response.header_fields.pairs()]
+        headers.append(("date", http_date()))
+        if self.conn.must_close:
+            headers.append(("connection", "close"))
+        try:
+            self.conn.send(h11.Response(status_code=response.status, headers=headers,
+                                        reason=_reason(response.status)))
+        except h11.LocalProtocolError as exc:
+            self.send_error(500, f"the guest's response is not valid HTTP: {exc}")
+            return
+        except OSError:
+            self.state = "aborted"
+            return
+        self.state = "streaming"
+        if self.head_only or response.status in _NO_BODY_STATUSES:
+            self.head_only = True
+        if response.outgoing_body is None:
+            self.finish(None)
+        else:
+            attach_body(response.outgoing_body, self)
+
+    # -- Transport (for the guest's outgoing-body)
+    def ready(self) -> bool:
+        return True
+
+    def capacity(self) -> int:
+        if self.state != "streaming":
+            raise StreamClosed()
+        return WRITE_BUDGET
+
+    def write(self, data: bytes) -> None:
+        if self.head_only or not data:
+            return
+        try:
+            self.conn.send(h11.Data(data=data))
+        except (OSError, h11.LocalProtocolError) as exc:
+            self.abort()
+            raise StreamFailed(IoError(f"sending the response failed: {exc}",
+                                       "connection-terminated")) from None
+
+    def finish(self, trailers: Optional[Fields]) -> None:
+        if self.state != "streaming":
+            return
+        send_trailers = trailers is not None and self.chunked and not self.head_only
+        try:
+            self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []))
+            self.state = "done"
+        except (OSError, h11.LocalProtocolError):
+            self.abort()
+
+    def abort(self) -> None:
+        if self.state in ("streaming", "pending"):
+            self.state = "aborted"
+            self.conn.must_close = True
+
+    # -- what the handler does when the guest is done
+    def send_error(self, status: int, message: str) -> None:
+        """Answer with an error if nothing was sent yet; otherwise cut the connection."""
+        if self.state == "pending":
+            self.status = status
+            body = f"{message}\n".encode()
+            self.conn.must_close = True
+            try:
+                self.conn.send(h11.Response(status_code=status, reason=_reason(status), headers=[
+                    ("content-type", "text/plain; charset=utf-8"),
+                    ("content-length", str(len(body))), ("date", http_date()),
+                    ("connection", "close")]))
+                if not self.head_only:
+                    self.conn.send(h11.Data(data=body))
+                self.conn.send(h11.EndOfMessage())
+                self.state = "done"
+            except (OSError, h11.LocalProtocolError):
+                self.state = "aborted"
+        elif self.state == "streaming":
+            self.abort()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _describe(error_code: Any) -> str:
+    return error_code if isinstance(error_code, str) else f"{error_code[0]} {error_code[1]!r}"
+
+
+class GuestHandler:
+    """Runs each request through the component's incoming-handler."""
+
+    def __init__(self, runtime: Runtime, body_limit: int = 0) -> None:
+        self.runtime = runtime
+        self.body_limit = body_limit
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+
+    def __call__(self, conn: Connection, request: h11.Request) -> None:
+        request_id = f"{self._prefix}-{next(self._ids)}"
+        started = time.monotonic()
+        writer = ResponseWriter(conn, request.method)
+        body = ClientBody(conn, self.body_limit)
+        try:
+            with self.runtime.guest() as guest:
+                incoming = IncomingRequest(
+                    method=request.method.decode("ascii"),
+                    path_with_query=request.target.decode("ascii", "replace"),
+                    scheme="http",
+                    authority=_header(request, b"host"),
+                    headers=Fields.from_pairs(list(request.headers)),
+                    body=body,
+                    waker=guest.context.waker)
+                guest.handle(incoming, ResponseOutparam(writer.deliver), request_id)
+        except GuestTrap as trap:
+            log.warning("[%s] guest trapped: %s", request_id, trap)
+            writer.send_error(500, "the guest trapped")
+        except Exception:
+            log.exception("[%s] request failed", request_id)
+            writer.send_error(500, "internal server error")
+        else:
+            if body.too_large and writer.state == "pending":
+                writer.send_error(413, "request body too large")
+            elif writer.state == "pending":
+                writer.send_error(500, "the guest returned without setting a response")
+            elif writer.state == "streaming":
+                log.warning("[%s] guest returned before finishing the response body", request_id)
+                writer.abort()
+        log.debug("[%s] %s %s -> %s in %.1f ms", request_id, request.method.decode(),
+                  request.target.decode(errors="replace"), writer.status,
+                  (time.monotonic() - started) * 1000)
+
+
+def _header(request: h11.Request, name: bytes) -> Optional[str]:
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None

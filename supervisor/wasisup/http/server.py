@@ -1,0 +1,356 @@
+"""The worker's HTTP/1.1 server: h11 per connection, a thread pool for requests.
+
+Connections wait in a selector while idle (accepted, or kept alive between requests) and go to
+the thread pool only when they have something to read — gunicorn's gthread model — so idle
+keep-alive clients cost no thread. A thread reads one request, hands it to the handler
+(which runs the guest), and streams the response back.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import logging
+import re
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Callable, Optional
+
+import h11
+
+log = logging.getLogger("wasisup.server")
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+RECV_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may send (gunicorn's names and defaults)."""
+
+    request_line: int = 4094
+    request_fields: int = 100
+    request_field_size: int = 8190
+    request_body: int = 0  # 0: unlimited
+    keep_alive: float = 2.0
+    read_timeout: float = 30.0
+
+
+class BadRequest(Exception):
+    """The client sent something we refuse; ``status`` says how."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Connection:
+    """One client connection: an h11 state machine over a blocking socket."""
+
+    def __init__(self, sock: socket.socket, peer: object, limits: Limits) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.limits = limits
+        max_head = limits.request_line + limits.request_fields * (limits.request_field_size + 2) + 4
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self.idle_since = time.monotonic()
+        self.must_close = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- reading
+    def receive(self, block: bool = True) -> bool:
+        """Feed h11 from the socket; False if nothing was available (non-blocking) ."""
+        try:
+            data = self.sock.recv(RECV_SIZE) if block else self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except (ConnectionError, socket.timeout, OSError):
+            data = b""
+        self.h11.receive_data(data)
+        return True
+
+    def next_event(self, block: bool = True) -> object:
+        """The next h11 event, reading from the socket as needed (h11.NEED_DATA if non-blocking)."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if not self.receive(block) and not block:
+                return h11.NEED_DATA
+
+    def read_request(self) -> Optional[h11.Request]:
+        """The next request, validated; None when the client closed between requests."""
+        received = bytearray()
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadRequest(exc.error_status_hint, str(exc)) from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                except (ConnectionError, OSError):
+                    data = b""
+                received += data
+                if len(received) > self.limits.request_line and b"\n" not in received:
+                    raise BadRequest(414, "request line too long")
+                self.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if not isinstance(event, h11.Request):
+                raise BadRequest(400, f"unexpected {type(event).__name__}")
+            trailing = len(self.h11.trailing_data[0])
+            head = bytes(received[:len(received) - trailing]) if received else b""
+            self._check(event, head)
+            return event
+
+    def _check(self, request: h11.Request, head: bytes) -> None:
+        if _BARE_LF.search(head):
+            raise BadRequest(400, "bare LF in the request head; lines end with CRLF")
+        line_length = len(request.method) + len(request.target) + 10
+        if line_length > self.limits.request_line:
+            raise BadRequest(414, "request line too long")
+        if len(request.headers) > self.limits.request_fields:
+            raise BadRequest(431, "too many header fields")
+        names = [name for name, _ in request.headers]
+        for name, value in request.headers:
+            if len(name) + len(value) + 2 > self.limits.request_field_size:
+                raise BadRequest(431, f"header field {name.decode()} too large")
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if self.limits.request_body:
+            for name, value in request.headers:
+                if name == b"content-length" and int(value) > self.limits.request_body:
+                    raise BadRequest(413, "request body too large")
+
+    # -- writing
+    def send(self, event: object) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.sock.sendall(data)
+
+    def send_error(self, status: int, reason: str) -> None:
+        """A plain-text error response, then close: the request's framing can't be trusted."""
+        self.must_close = True
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                self.sock.sendall(_raw_error(status, f"{reason}\n".encode()))
+            except OSError:
+                pass
+
+    def finish_cycle(self) -> bool:
+        """After a response: ready for the next request on this connection?"""
+        if self.must_close or self.h11.our_state is not h11.DONE:
+            return False
+        if self.h11.their_state is h11.SEND_BODY:
+            if not self._drain_request_body():
+                return False
+        if self.h11.their_state is not h11.DONE:
+            return False
+        try:
+            self.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return False
+        self.idle_since = time.monotonic()
+        return True
+
+    def _drain_request_body(self, limit: int = 1024 * 1024) -> bool:
+        """Read and drop what the guest left of the request body, if small."""
+        drained = 0
+        while drained <= limit:
+            try:
+                event = self.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if isinstance(event, h11.Data):
+                drained += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            else:
+                return False
+        return False
+
+    def has_buffered_request(self) -> bool:
+        return bool(self.h11.trailing_data[0])
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _raw_error(status: int, body: bytes) -> bytes:
+    """An error response written past h11, whose state machine may already be in ERROR."""
+    reason = HTTPStatus(status).phrase
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\ndate: {http_date()}\r\n\r\n"
+            ).encode() + body
+
+
+def http_date() -> str:
+    return email.utils.formatdate(usegmt=True)
+
+
+Handler = Callable[[Connection, h11.Request], None]
+
+
+class Server:
+    """Serves HTTP/1.1 on already-bound listening sockets until ``stop``."""
+
+    def __init__(self, listeners: list[socket.socket], handler: Handler, threads: int = 4,
+                 limits: Limits = Limits(), on_tick: Optional[Callable[[], None]] = None) -> None:
+        self.listeners = listeners
+        self.handler = handler
+        self.limits = limits
+        self.on_tick = on_tick
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasisup-req")
+        self.selector = selectors.DefaultSelector()
+        self._returned: deque[Connection] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._stopping = False
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def stop(self) -> None:
+        """Stop accepting; finish in-flight requests; close idle connections (thread-safe)."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def serve(self, graceful_timeout: float = 30.0) -> None:
+        for sock in self.listeners:
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, "listener")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping:
+                self._loop_once()
+        finally:
+            self._shutdown(graceful_timeout)
+
+    def _loop_once(self) -> None:
+        for key, _ in self.selector.select(timeout=1.0):
+            if key.data == "listener":
+                self._accept(key.fileobj)
+            elif key.data == "wake":
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                self.selector.unregister(key.fileobj)
+                self._dispatch(key.fileobj)
+        while self._returned:
+            conn = self._returned.popleft()
+            if self._stopping:
+                conn.close()
+            else:
+                self.selector.register(conn, selectors.EVENT_READ, "conn")
+        self._close_idle(time.monotonic() - self.limits.keep_alive)
+        if self.on_tick is not None:
+            self.on_tick()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s", exc)
+                    return
+                raise
+            sock.setblocking(True)
+            sock.settimeout(self.limits.read_timeout)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.selector.register(Connection(sock, peer, self.limits), selectors.EVENT_READ, "conn")
+
+    def _close_idle(self, cutoff: float) -> None:
+        for key in list(self.selector.get_map().values()):
+            conn = key.fileobj
+            if isinstance(conn, Connection) and conn.idle_since < cutoff:
+                self.selector.unregister(conn)
+                conn.close()
+
+    def _dispatch(self, conn: Connection) -> None:
+        with self._lock:
+            self._in_flight += 1
+        self.pool.submit(self._serve_connection, conn)
+
+    def _serve_connection(self, conn: Connection) -> None:
+        """Serve requests on ``conn`` while it has them ready, then hand it back or close it."""
+        keep = False
+        try:
+            while True:
+                keep = self._serve_one(conn)
+                if not keep or self._stopping or not conn.has_buffered_request():
+                    break
+        except Exception:
+            log.exception("connection from %s failed", conn.peer)
+            keep = False
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        if keep and not self._stopping:
+            self._returned.append(conn)
+            self._wake()
+        else:
+            conn.close()
+
+    def _serve_one(self, conn: Connection) -> bool:
+        try:
+            request = conn.read_request()
+        except BadRequest as exc:
+            conn.send_error(exc.status, exc.reason)
+            return False
+        if request is None:
+            return False
+        if self._stopping:
+            conn.must_close = True
+        try:
+            self.handler(conn, request)
+        except BadRequest as exc:
+            conn.send_error(exc.status, exc.reason)
+            return False
+        return conn.finish_cycle()
+
+    def _shutdown(self, graceful_timeout: float) -> None:
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.fileobj, Connection):
+                key.fileobj.close()
+            elif key.data == "listener":
+                key.fileobj.close()
+        self.selector.close()
+        deadline = time.monotonic() + graceful_timeout
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        while self._returned:
+            self._returned.popleft().close()
+        self._wake_r.close()
+        self._wake_w.close()
