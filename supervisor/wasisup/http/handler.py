@@ -45,7 +45,7 @@ class ClientBody:
         """Move whatever body bytes are available now into the buffer, without blocking."""
         conn = self.conn
         if conn.h11.they_are_waiting_for_100_continue:
-            conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            conn.send(h11.InformationalResponse(status_code=100, headers=[]), flush=True)
         while not (self._chunks or self._done or self._error):
             try:
                 event = conn.next_event(block=False)
@@ -167,9 +167,17 @@ class ResponseWriter:
             return
         send_trailers = trailers is not None and self.chunked and not self.head_only
         try:
-            self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []))
+            self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []),
+                           flush=True)
             self.state = "done"
         except (OSError, h11.LocalProtocolError):
+            self.abort()
+
+    def flush(self) -> None:
+        """Send what the guest wrote so far (it is about to wait for something)."""
+        try:
+            self.conn.flush()
+        except OSError:
             self.abort()
 
     def abort(self) -> None:
@@ -191,7 +199,7 @@ class ResponseWriter:
                     ("connection", "close")]))
                 if not self.head_only:
                     self.conn.send(h11.Data(data=body))
-                self.conn.send(h11.EndOfMessage())
+                self.conn.send(h11.EndOfMessage(), flush=True)
                 self.state = "done"
             except (OSError, h11.LocalProtocolError):
                 self.state = "aborted"
@@ -234,7 +242,11 @@ class GuestHandler:
                     headers=Fields.from_pairs(list(request.headers)),
                     body=body,
                     waker=guest.context.waker)
-                guest.handle(incoming, ResponseOutparam(writer.deliver), request_id)
+                guest.context.waker.before_sleep = writer.flush
+                try:
+                    guest.handle(incoming, ResponseOutparam(writer.deliver), request_id)
+                finally:
+                    guest.context.waker.before_sleep = None
         except GuestTrap as trap:
             log.warning("[%s] guest trapped: %s", request_id, trap)
             writer.send_error(500, "the guest trapped")
@@ -249,6 +261,7 @@ class GuestHandler:
             elif writer.state == "streaming":
                 log.warning("[%s] guest returned before finishing the response body", request_id)
                 writer.abort()
+        writer.flush()
         log.debug("[%s] %s %s -> %s in %.1f ms", request_id, request.method.decode(),
                   request.target.decode(errors="replace"), writer.status,
                   (time.monotonic() - started) * 1000)

@@ -16,7 +16,6 @@ import selectors
 import socket
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -62,6 +61,7 @@ class Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.idle_since = time.monotonic()
         self.must_close = False
+        self._pending = bytearray()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -133,10 +133,17 @@ class Connection:
                 if name == b"content-length" and int(value) > self.limits.request_body:
                     raise BadRequest(413, "request body too large")
 
-    # -- writing
-    def send(self, event: object) -> None:
+    # -- writing: output is held until ``flush`` so a small response leaves in one packet
+    def send(self, event: object, flush: bool = False) -> None:
         data = self.h11.send(event)
         if data:
+            self._pending += data
+        if flush or len(self._pending) >= RECV_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            data, self._pending = self._pending, bytearray()
             self.sock.sendall(data)
 
     def send_error(self, status: int, reason: str) -> None:
@@ -217,7 +224,6 @@ class Server:
         self.on_tick = on_tick
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasisup-req")
         self.selector = selectors.DefaultSelector()
-        self._returned: deque[Connection] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._stopping = False
@@ -263,12 +269,6 @@ class Server:
             else:
                 self.selector.unregister(key.fileobj)
                 self._dispatch(key.fileobj)
-        while self._returned:
-            conn = self._returned.popleft()
-            if self._stopping:
-                conn.close()
-            else:
-                self.selector.register(conn, selectors.EVENT_READ, "conn")
         self._close_idle(time.monotonic() - self.limits.keep_alive)
         if self.on_tick is not None:
             self.on_tick()
@@ -317,8 +317,8 @@ class Server:
             with self._lock:
                 self._in_flight -= 1
         if keep and not self._stopping:
-            self._returned.append(conn)
-            self._wake()
+            # epoll registration is safe from any thread; the loop picks it up on its next select.
+            self.selector.register(conn, selectors.EVENT_READ, "conn")
         else:
             conn.close()
 
@@ -350,7 +350,5 @@ class Server:
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        while self._returned:
-            self._returned.popleft().close()
         self._wake_r.close()
         self._wake_w.close()

@@ -12,7 +12,7 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from .abi import Err, Interface, Resource, Trap
 
@@ -26,6 +26,8 @@ class Waker:
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Run before the guest sleeps: the server sends what the guest wrote so far.
+        self.before_sleep: Optional[Callable[[], None]] = None
 
     def wake(self) -> None:
         try:
@@ -35,6 +37,8 @@ class Waker:
 
     def wait(self, fds: list[tuple[int, bool]], timeout: Optional[float]) -> None:
         """Sleep until woken, one of ``fds`` (fd, for_write) is ready, or ``timeout`` passes."""
+        if self.before_sleep is not None:
+            self.before_sleep()
         readers = [self.fd] + [fd for fd, for_write in fds if not for_write]
         writers = [fd for fd, for_write in fds if for_write]
         ready, _, _ = select.select(readers, writers, [], timeout)

@@ -1,0 +1,29 @@
+# Developer front door: `make serve` sets everything up and serves the reference guest;
+# `make test` runs the test suite. Both start from a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UPSTREAM ?= http://127.0.0.1:9000
+BIND ?= 127.0.0.1:8080
+
+.PHONY: setup guest serve test bench
+
+$(BIN)/wasisup: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/wasisup
+
+guest: setup
+	$(BIN)/python guest/build.py guest/proxy -o build/proxy.wasm
+
+serve: guest
+	$(BIN)/wasisup -b $(BIND) --env UPSTREAM=$(UPSTREAM) build/proxy.wasm
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/run.py
