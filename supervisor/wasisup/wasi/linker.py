@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 from wasmtime import Engine
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker, ResourceType
 
@@ -32,8 +34,12 @@ def split_version(name: str) -> tuple[str, str]:
     return base, version
 
 
-def link(linker: Linker, component: Component, engine: Engine) -> None:
-    """Define every import of ``component`` in ``linker`` from the host's interface tables."""
+def link(linker: Linker, component: Component, engine: Engine,
+         provided: Collection[str] = ()) -> None:
+    """Define every import of ``component`` in ``linker`` from the host's interface tables.
+
+    ``provided`` names imports the caller has already defined itself (an embedder's own API).
+    """
     # A resource an interface ``use``s is the same type as where it is defined; the first
     # interface (in import order) that exports a resource type is its origin.
     seen: list[tuple[ResourceType, int]] = []
@@ -50,6 +56,8 @@ def link(linker: Linker, component: Component, engine: Engine) -> None:
 
     with linker.root() as root:
         for import_name, item in component.type.imports(engine).items():
+            if import_name in provided:
+                continue
             ty = item.ty
             base, version = split_version(import_name)
             iface = INTERFACES.get(base)
