@@ -1,105 +1,57 @@
-"""The ``wasisup`` command: serve a wasi:http/proxy component, or precompile one."""
+"""The ``wasisup`` command: serve a wasi:http/proxy component, or precompile one.
+
+    wasisup [OPTIONS] COMPONENT             serve (see ``wasisup --help``)
+    wasisup compile IN.wasm -o OUT.cwasm    precompile for this wasmtime and engine settings
+    wasisup check COMPONENT.cwasm           verify a .cwasm loads and links here
+
+Bad input is reported as one line, ``wasisup: error: ...``, with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
-import socket
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
-from .compile import CompileError, compile_component, compiled, is_precompiled
-from .http.client import OutboundClient
-from .http.handler import GuestHandler
-from .http.server import Limits, Server
-from .runtime import Runtime
+from . import metrics
+from .app import UsageError, WasiApplication
+from .compile import CompileError, compile_component
 from .wasi.linker import LinkError
 
-log = logging.getLogger("wasisup")
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
+def check(cwasm: Path) -> None:
+    """Load and link ``cwasm`` as a worker would; raises CompileError/LinkError if it can't."""
+    from .runtime import Runtime
 
-
-def parse_bind(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"bind address {value!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def parse_env(value: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--env {value!r} is not KEY=VALUE")
-    return key, val
-
-
-def listen(address: tuple[str, int], backlog: int = 2048) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot bind {address[0]}:{address[1]}: {exc.strerror}") from None
-    sock.listen(backlog)
-    return sock
-
-
-def resolve_component(path: Path) -> Path:
-    """A loadable .cwasm for ``path``: compiled (once, cached) when it is a .wasm."""
-    if not path.is_file():
-        raise UsageError(f"component {path} does not exist")
-    return path if is_precompiled(path) else compiled(path)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wasisup", description=__doc__)
-    parser.add_argument("component", type=Path, help="a wasi:http/proxy component (.wasm or .cwasm)")
-    parser.add_argument("-b", "--bind", action="append", type=parse_bind, default=[],
-                        help="HOST:PORT to listen on (repeatable; default 127.0.0.1:8000)")
-    parser.add_argument("--threads", type=int, default=4, help="request threads (default 4)")
-    parser.add_argument("--env", action="append", type=parse_env, default=[],
-                        help="KEY=VALUE in the guest's environment (repeatable)")
-    parser.add_argument("--max-instance-reuse", type=int, default=1,
-                        help="requests one guest instance serves before a fresh one (default 1)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error", "critical"])
-    return parser
+    Runtime(cwasm, [], None).close()
 
 
 def compile_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="wasisup compile",
-                                     description="Precompile a component to a .cwasm.")
-    parser.add_argument("input", type=Path)
-    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser = _Parser(prog="wasisup compile", description="Precompile a component to a .cwasm.")
+    parser.add_argument("input", type=Path, help="the component (.wasm)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .cwasm to write")
     args = parser.parse_args(argv)
     if not args.input.is_file():
-        parser.error(f"{args.input} does not exist")
+        raise UsageError(f"{args.input} does not exist")
     compile_component(args.input, args.output)
+    try:
+        check(args.output)
+    except (CompileError, LinkError):
+        args.output.unlink()
+        raise
     return 0
 
 
-def serve_main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-    cwasm = resolve_component(args.component)
-    runtime = Runtime(cwasm, args.env, OutboundClient(), args.max_instance_reuse)
-    listeners = [listen(address) for address in args.bind or [("127.0.0.1", 8000)]]
-    server = Server(listeners, GuestHandler(runtime), threads=args.threads, limits=Limits())
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, lambda *_: server.stop())
-    for sock in listeners:
-        host, port = sock.getsockname()[:2]
-        log.info("serving %s on http://%s:%d", args.component.name, host, port)
-    server.serve()
-    runtime.close()
+def check_main(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="wasisup check", description="Check a .cwasm loads and links here.")
+    parser.add_argument("cwasm", type=Path)
+    check(parser.parse_args(argv).cwasm)
     return 0
 
 
@@ -108,7 +60,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv[:1] == ["compile"]:
             return compile_main(argv[1:])
-        return serve_main(argv)
+        if argv[:1] == ["check"]:
+            return check_main(argv[1:])
+        metrics_dir = metrics.setup()
+        try:
+            WasiApplication(argv).run()
+        finally:
+            metrics.cleanup(metrics_dir)
+        return 0
     except (UsageError, CompileError, LinkError) as exc:
         print(f"wasisup: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from wasmtime import Config, Engine, WasmtimeError
@@ -41,12 +43,11 @@ def is_precompiled(path: Path) -> bool:
         return f.read(4) == CWASM_MAGIC
 
 
-def cache_key(wasm: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(wasm, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    digest.update(f"|wasmtime-py {WASMTIME_VERSION}|{ENGINE_SETTINGS}".encode())
     return digest.hexdigest()
 
 
@@ -67,18 +68,38 @@ def compile_component(wasm: Path, out: Path) -> None:
     os.replace(tmp.name, out)
 
 
-def compiled(wasm: Path, cache_dir: Path | None = None) -> Path:
-    """The .cwasm for ``wasm``: from the cache, else compiled in a child process."""
-    cache_dir = cache_dir or default_cache_dir()
-    out = cache_dir / f"{wasm.stem}-{cache_key(wasm)[:32]}.cwasm"
+@dataclass(frozen=True)
+class Prepared:
+    """A component ready for workers to load."""
+
+    cwasm: Path
+    sha256: str  # of the file the user named
+    compile_seconds: float  # 0 when it came precompiled or from the cache
+
+
+def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
+    """Compile (once, cached) and check ``path`` in a child process, never in this one."""
+    if not path.is_file():
+        raise CompileError(f"component {path} does not exist")
+    digest = file_sha256(path)
+    if is_precompiled(path):
+        _child("check", str(path))
+        return Prepared(path, digest, 0.0)
+    key = hashlib.sha256(f"{digest}|wasmtime-py {WASMTIME_VERSION}|{ENGINE_SETTINGS}".encode())
+    out = (cache_dir or default_cache_dir()) / f"{path.stem}-{key.hexdigest()[:32]}.cwasm"
     if out.exists():
-        return out
-    proc = subprocess.run([sys.executable, "-m", "wasisup", "compile", str(wasm), "-o", str(out)],
-                          capture_output=True, text=True)
+        return Prepared(out, digest, 0.0)
+    started = time.monotonic()
+    _child("compile", str(path), "-o", str(out))
+    return Prepared(out, digest, time.monotonic() - started)
+
+
+def _child(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "wasisup", *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        message = proc.stderr.strip().splitlines()
-        raise CompileError(message[-1] if message else f"compiling {wasm} failed")
-    return out
+        lines = proc.stderr.strip().splitlines()
+        message = lines[-1] if lines else f"wasisup {args[0]} failed"
+        raise CompileError(message.removeprefix("wasisup: error: "))
 
 
 def load(engine: Engine, path: Path) -> Component:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -20,25 +21,38 @@ from wasmtime.component import Linker
 from .compile import CompileError, engine_config, load
 from .wasi import abi
 from .wasi.context import WasiContext
+from .wasi.io import DEADLINE_EXCEEDED
 from .wasi.linker import LinkError, link
 
 log = logging.getLogger("wasisup.runtime")
 
 HANDLER_INTERFACE = "wasi:http/incoming-handler"
 NO_DEADLINE = 1 << 62
+EPOCH_TICK = 0.01  # seconds per engine epoch: the resolution of request deadlines
 
 
 class GuestTrap(Exception):
-    """The guest trapped (or exited) while handling a request."""
+    """The guest trapped (or exited) while handling a request; ``kind`` says how."""
+
+    def __init__(self, message: str, kind: str = "trap") -> None:
+        super().__init__(message)
+        self.kind = kind  # "trap", "timeout" (deadline) or "instantiation"
+
+
+def _trap_kind(message: str) -> str:
+    return "timeout" if "interrupt" in message or DEADLINE_EXCEEDED in message else "trap"
 
 
 class Guest:
     """A component instance in its own Store, ready to handle requests."""
 
     def __init__(self, runtime: "Runtime") -> None:
+        self.runtime = runtime
         self.context = WasiContext(runtime.env, runtime.outbound)
         self.store = Store(runtime.engine)
         self.store.set_epoch_deadline(NO_DEADLINE)
+        if runtime.max_memory:
+            self.store.set_limits(memory_size=runtime.max_memory)
         self.ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
         abi.STORES[self.ctx] = self.context
         self.uses = 0
@@ -50,7 +64,8 @@ class Guest:
             func = instance.get_func(self.store, handle_index) if handle_index else None
         except WasmtimeError as exc:
             self.close()
-            raise GuestTrap(f"instantiating the component failed: {exc}") from None
+            raise GuestTrap(f"instantiating the component failed: {_trap_message(exc)}",
+                            "instantiation") from None
         if func is None:
             self.close()
             raise LinkError(f"{runtime.handler_export} exports no `handle` function")
@@ -60,6 +75,10 @@ class Guest:
         """Run the guest's handler; raises GuestTrap if it traps (the instance is then spent)."""
         self.uses += 1
         self.context.request_id = request_id
+        timeout = self.runtime.request_timeout
+        if timeout:
+            self.store.set_epoch_deadline(max(1, round(timeout / EPOCH_TICK)))
+            self.context.waker.deadline = time.monotonic_ns() + int(timeout * 1e9)
         params = (ffi.wasmtime_component_val_t * 2)()
         for i, resource in enumerate((request, outparam)):
             abi.lower_resource(resource, ctypes.addressof(params[i]), self.context, self.ctx)
@@ -71,8 +90,10 @@ class Guest:
                                                                 self.store._context())
             if error:
                 self.healthy = False
-                raise GuestTrap(_trap_message(WasmtimeError._from_ptr(error)))
+                message = _trap_message(WasmtimeError._from_ptr(error))
+                raise GuestTrap(message, _trap_kind(message))
         finally:
+            self.context.waker.deadline = None
             self.context.end_request()
 
     def close(self) -> None:
@@ -82,26 +103,40 @@ class Guest:
 
 
 def _trap_message(error: WasmtimeError) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    detail = next((l.strip() for l in lines if "trap" in l.lower() or "error" in l.lower()), None)
-    return " / ".join(dict.fromkeys(filter(None, [lines[0] if lines else "trap", detail])))
+    """The root cause of a trap (wasmtime puts it under "Caused by:", after the backtrace)."""
+    text = str(error)
+    _, found, cause = text.partition("Caused by:")
+    lines = [line.strip() for line in (cause if found else text).splitlines() if line.strip()]
+    return lines[0] if lines else "trap"
 
 
 class Runtime:
     """Loads a compiled component once per process and hands out guest instances."""
 
     def __init__(self, cwasm: Path, env: list[tuple[str, str]], outbound: Any,
-                 max_instance_reuse: int = 1) -> None:
+                 max_instance_reuse: int = 1, request_timeout: float = 0, max_memory: int = 0,
+                 metrics: Any = None) -> None:
         self.engine = Engine(engine_config())
         self.component = load(self.engine, cwasm)
         self.env = env
         self.outbound = outbound
         self.max_instance_reuse = max(1, max_instance_reuse)
+        self.request_timeout = request_timeout
+        self.max_memory = max_memory
+        self.metrics = metrics
+        if request_timeout:
+            threading.Thread(target=self._tick_epochs, daemon=True, name="wasisup-epoch").start()
         self.handler_export = self._find_handler()
         self.linker = Linker(self.engine)
         link(self.linker, self.component, self.engine)
         self._idle: list[Guest] = []
         self._lock = threading.Lock()
+
+    def _tick_epochs(self) -> None:
+        """Advance the engine's epoch: wasm past its Store's deadline traps (--request-timeout)."""
+        while True:
+            time.sleep(EPOCH_TICK)
+            self.engine.increment_epoch()
 
     def _find_handler(self) -> str:
         for name in self.component.type.exports(self.engine):
@@ -118,7 +153,11 @@ class Runtime:
             if self._idle:
                 guest = self._idle.pop()
         if guest is None:
+            started = time.monotonic()
             guest = Guest(self)
+            if self.metrics is not None:
+                self.metrics.instantiations.inc()
+                self.metrics.instantiation_seconds.observe(time.monotonic() - started)
         try:
             yield guest
         finally:

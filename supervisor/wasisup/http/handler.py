@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from http import HTTPStatus
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import h11
 
@@ -24,6 +24,7 @@ from ..wasi.io import WRITE_BUDGET, IoError, StreamClosed, StreamFailed
 from .server import Connection, http_date
 
 log = logging.getLogger("wasisup.request")
+access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -221,16 +222,39 @@ def _describe(error_code: Any) -> str:
 class GuestHandler:
     """Runs each request through the component's incoming-handler."""
 
-    def __init__(self, runtime: Runtime, body_limit: int = 0) -> None:
+    def __init__(self, runtime: Runtime, body_limit: int = 0, metrics: Any = None,
+                 on_request: Optional[Callable[[], None]] = None) -> None:
         self.runtime = runtime
         self.body_limit = body_limit
+        self.metrics = metrics
+        self.on_request = on_request
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
 
     def __call__(self, conn: Connection, request: h11.Request) -> None:
         request_id = f"{self._prefix}-{next(self._ids)}"
         started = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         writer = ResponseWriter(conn, request.method)
+        try:
+            self._run_guest(conn, request, writer, request_id)
+        finally:
+            writer.flush()
+            elapsed = time.monotonic() - started
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
+                self.metrics.requests.labels(str(writer.status or 0)).inc()
+                self.metrics.duration.observe(elapsed)
+            access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(conn),
+                            request.method.decode(), request.target.decode(errors="replace"),
+                            request.http_version.decode(), writer.status or "-",
+                            elapsed * 1000, request_id)
+            if self.on_request is not None:
+                self.on_request()
+
+    def _run_guest(self, conn: Connection, request: h11.Request, writer: "ResponseWriter",
+                   request_id: str) -> None:
         body = ClientBody(conn, self.body_limit)
         try:
             with self.runtime.guest() as guest:
@@ -248,23 +272,36 @@ class GuestHandler:
                 finally:
                     guest.context.waker.before_sleep = None
         except GuestTrap as trap:
-            log.warning("[%s] guest trapped: %s", request_id, trap)
-            writer.send_error(500, "the guest trapped")
+            self._count_trap(trap.kind)
+            if trap.kind == "timeout":
+                log.warning("[%s] guest passed its deadline: %s", request_id, trap)
+                writer.send_error(504, "the guest did not finish within the request timeout")
+            else:
+                log.warning("[%s] guest trapped: %s", request_id, trap)
+                writer.send_error(500, "the guest trapped" if trap.kind == "trap"
+                                  else "the guest could not be instantiated")
+            return
         except Exception:
             log.exception("[%s] request failed", request_id)
             writer.send_error(500, "internal server error")
-        else:
-            if body.too_large and writer.state == "pending":
-                writer.send_error(413, "request body too large")
-            elif writer.state == "pending":
-                writer.send_error(500, "the guest returned without setting a response")
-            elif writer.state == "streaming":
-                log.warning("[%s] guest returned before finishing the response body", request_id)
-                writer.abort()
-        writer.flush()
-        log.debug("[%s] %s %s -> %s in %.1f ms", request_id, request.method.decode(),
-                  request.target.decode(errors="replace"), writer.status,
-                  (time.monotonic() - started) * 1000)
+            return
+        if body.too_large and writer.state == "pending":
+            writer.send_error(413, "request body too large")
+        elif writer.state == "pending":
+            self._count_trap("no-response")
+            writer.send_error(500, "the guest returned without setting a response")
+        elif writer.state == "streaming":
+            log.warning("[%s] guest returned before finishing the response body", request_id)
+            writer.abort()
+
+    def _count_trap(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.traps.labels(kind).inc()
+
+
+def _peer(conn: Connection) -> str:
+    peer = conn.peer
+    return peer[0] if isinstance(peer, tuple) else str(peer or "-")
 
 
 def _header(request: h11.Request, name: bytes) -> Optional[str]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from .abi import Err, Interface, Resource, Trap
 
+DEADLINE_EXCEEDED = "the request deadline passed while the guest waited"
 # How much a guest may write before it has to wait (check-write's answer); blocking-write's cap.
 WRITE_BUDGET = 64 * 1024
 BLOCKING_WRITE_LIMIT = 4096
@@ -28,6 +29,8 @@ class Waker:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Run before the guest sleeps: the server sends what the guest wrote so far.
         self.before_sleep: Optional[Callable[[], None]] = None
+        # The current request's deadline (time.monotonic_ns), if it has one.
+        self.deadline: Optional[int] = None
 
     def wake(self) -> None:
         try:
@@ -92,6 +95,10 @@ def wait_any(pollables: list[Pollable], waker: Waker) -> list[int]:
                 fds.append(fd)
             if when is not None:
                 deadline = when if deadline is None else min(deadline, when)
+        if waker.deadline is not None:
+            if time.monotonic_ns() >= waker.deadline:
+                raise Trap(DEADLINE_EXCEEDED)
+            deadline = waker.deadline if deadline is None else min(deadline, waker.deadline)
         timeout = None if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
         waker.wait(fds, timeout)
 
