@@ -73,6 +73,14 @@ class WasiApplication(BaseApplication):
         self.load_default_config()
         self.load_config()
 
+    def load_default_config(self) -> None:
+        super().load_default_config()
+        # Where wasisup's defaults differ from gunicorn's: a request often waits on I/O
+        # (outbound calls), so a worker has several threads; gunicorn's control socket is
+        # off (it writes to $HOME, which is read-only in a hardened container).
+        self.cfg.set("threads", 4)
+        self.cfg.set("control_socket_disable", True)
+
     def load_config(self) -> None:
         cfg = self.cfg
         parser = build_parser(cfg)

@@ -22,6 +22,8 @@ from wasmtime.component import Component
 
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 CWASM_MAGIC = b"\x7fELF"
+WASM_MAGIC = b"\0asm"
+CORE_MODULE_VERSION = b"\x01\0\0\0"
 
 
 class CompileError(Exception):
@@ -58,8 +60,14 @@ def default_cache_dir() -> Path:
 
 def compile_component(wasm: Path, out: Path) -> None:
     """Compile in this process (the ``wasisup compile`` command); written atomically."""
+    binary = wasm.read_bytes()
+    if binary[:4] != WASM_MAGIC:
+        raise CompileError(f"{wasm} is not a WebAssembly binary")
+    if binary[4:8] == CORE_MODULE_VERSION:
+        raise CompileError(f"{wasm} is a core WebAssembly module, not a component: build a "
+                           "wasi:http/proxy component (e.g. componentize-py, jco, cargo-component)")
     try:
-        component = Component(Engine(engine_config()), wasm.read_bytes())
+        component = Component(Engine(engine_config()), binary)
     except WasmtimeError as exc:
         raise CompileError(f"{wasm} is not a valid WebAssembly component: {_first_line(exc)}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
