@@ -1,9 +1,9 @@
-"""The worker's HTTP/1.1 server: h11 per connection, a thread pool for requests.
+"""The worker's HTTP/1.1 server: h11 per connection, a fixed set of request threads.
 
-Connections wait in a selector while idle (accepted, or kept alive between requests) and go to
-the thread pool only when they have something to read — gunicorn's gthread model — so idle
-keep-alive clients cost no thread. A thread reads one request, hands it to the handler
-(which runs the guest), and streams the response back.
+Connections wait in a selector while idle (accepted, or kept alive between requests) and get a
+thread only when they have something to read, so idle keep-alive clients cost no thread. A
+thread reads one request, hands it to the handler (which runs the guest), and streams the
+response back.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import email.utils
 import errno
 import logging
 import re
+import select
 import selectors
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable, Optional
@@ -27,6 +27,9 @@ log = logging.getLogger("wasisup.server")
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 RECV_SIZE = 64 * 1024
+# How long a thread that just answered waits for the same client's next request before
+# parking the connection: serving it on the same thread keeps the guest's caches warm.
+LINGER = 0.001
 
 
 @dataclass(frozen=True)
@@ -187,8 +190,12 @@ class Connection:
                 return False
         return False
 
-    def has_buffered_request(self) -> bool:
-        return bool(self.h11.trailing_data[0])
+    def next_request_soon(self, linger: float) -> bool:
+        """Is the next request already here, or about to be (a busy keep-alive client)?"""
+        if self.h11.trailing_data[0]:
+            return True
+        ready, _, _ = select.select([self.sock], [], [], linger)
+        return bool(ready)
 
     def close(self) -> None:
         try:
@@ -214,21 +221,29 @@ Handler = Callable[[Connection, h11.Request], None]
 
 
 class Server:
-    """Serves HTTP/1.1 on already-bound listening sockets until ``stop``."""
+    """Serves HTTP/1.1 on already-bound listening sockets until ``stop``.
+
+    Leader/followers: the request threads take turns watching the selector; the one that sees
+    a readable connection serves it itself (no hand-off to another thread) after passing the
+    watch on. The calling thread only ticks (``on_tick``: the worker's heartbeat).
+    """
 
     def __init__(self, listeners: list[socket.socket], handler: Handler, threads: int = 4,
                  limits: Limits = Limits(), on_tick: Optional[Callable[[], None]] = None) -> None:
         self.listeners = listeners
         self.handler = handler
+        self.threads = threads
         self.limits = limits
         self.on_tick = on_tick
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wasisup-req")
         self.selector = selectors.DefaultSelector()
+        self._ready: list[Connection] = []
+        self._watch = threading.Lock()  # held by the thread watching the selector
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._stopping = False
+        self._stopping = threading.Event()
+        self._last_sweep = time.monotonic()
         self._in_flight = 0
-        self._lock = threading.Lock()
+        self._count = threading.Lock()
 
     @property
     def in_flight(self) -> int:
@@ -236,10 +251,7 @@ class Server:
 
     def stop(self) -> None:
         """Stop accepting; finish in-flight requests; close idle connections (thread-safe)."""
-        self._stopping = True
-        self._wake()
-
-    def _wake(self) -> None:
+        self._stopping.set()
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -250,28 +262,36 @@ class Server:
             sock.setblocking(False)
             self.selector.register(sock, selectors.EVENT_READ, "listener")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        try:
-            while not self._stopping:
-                self._loop_once()
-        finally:
-            self._shutdown(graceful_timeout)
+        threads = [threading.Thread(target=self._follow, name=f"wasisup-req-{i}", daemon=True)
+                   for i in range(self.threads)]
+        for thread in threads:
+            thread.start()
+        while not self._stopping.wait(1.0):
+            if self.on_tick is not None:
+                self.on_tick()
+        self._drain(threads, graceful_timeout)
 
-    def _loop_once(self) -> None:
-        for key, _ in self.selector.select(timeout=1.0):
-            if key.data == "listener":
-                self._accept(key.fileobj)
-            elif key.data == "wake":
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except BlockingIOError:
-                    pass
-            else:
-                self.selector.unregister(key.fileobj)
-                self._dispatch(key.fileobj)
-        self._close_idle(time.monotonic() - self.limits.keep_alive)
-        if self.on_tick is not None:
-            self.on_tick()
+    def _follow(self) -> None:
+        while not self._stopping.is_set():
+            with self._watch:
+                conn = self._next_ready()
+            if conn is not None:
+                self._serve_connection(conn)
+
+    def _next_ready(self) -> Optional[Connection]:
+        """Watch the selector until a connection has a request (accepting as they come)."""
+        while not self._ready and not self._stopping.is_set():
+            for key, _ in self.selector.select(timeout=1.0):
+                if key.data == "listener":
+                    self._accept(key.fileobj)
+                elif key.data == "conn":
+                    self.selector.unregister(key.fileobj)
+                    self._ready.append(key.fileobj)
+            if time.monotonic() - self._last_sweep > 1.0:
+                self._close_idle(time.monotonic() - self.limits.keep_alive)
+        if self._ready and not self._stopping.is_set():
+            return self._ready.pop(0)
+        return None
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -291,33 +311,31 @@ class Server:
             self.selector.register(Connection(sock, peer, self.limits), selectors.EVENT_READ, "conn")
 
     def _close_idle(self, cutoff: float) -> None:
+        self._last_sweep = time.monotonic()
         for key in list(self.selector.get_map().values()):
             conn = key.fileobj
             if isinstance(conn, Connection) and conn.idle_since < cutoff:
                 self.selector.unregister(conn)
                 conn.close()
 
-    def _dispatch(self, conn: Connection) -> None:
-        with self._lock:
-            self._in_flight += 1
-        self.pool.submit(self._serve_connection, conn)
-
     def _serve_connection(self, conn: Connection) -> None:
-        """Serve requests on ``conn`` while it has them ready, then hand it back or close it."""
+        """Serve requests on ``conn`` while it has them ready, then park it or close it."""
+        with self._count:
+            self._in_flight += 1
         keep = False
         try:
             while True:
                 keep = self._serve_one(conn)
-                if not keep or self._stopping or not conn.has_buffered_request():
+                if not keep or self._stopping.is_set() or not conn.next_request_soon(LINGER):
                     break
         except Exception:
             log.exception("connection from %s failed", conn.peer)
             keep = False
         finally:
-            with self._lock:
+            with self._count:
                 self._in_flight -= 1
-        if keep and not self._stopping:
-            # epoll registration is safe from any thread; the loop picks it up on its next select.
+        if keep and not self._stopping.is_set():
+            # epoll registration is safe from any thread; the watcher sees it on its next select.
             self.selector.register(conn, selectors.EVENT_READ, "conn")
         else:
             conn.close()
@@ -330,7 +348,7 @@ class Server:
             return False
         if request is None:
             return False
-        if self._stopping:
+        if self._stopping.is_set():
             conn.must_close = True
         try:
             self.handler(conn, request)
@@ -339,16 +357,19 @@ class Server:
             return False
         return conn.finish_cycle()
 
-    def _shutdown(self, graceful_timeout: float) -> None:
-        for key in list(self.selector.get_map().values()):
-            if isinstance(key.fileobj, Connection):
-                key.fileobj.close()
-            elif key.data == "listener":
-                key.fileobj.close()
-        self.selector.close()
+    def _drain(self, threads: list[threading.Thread], graceful_timeout: float) -> None:
+        """Graceful stop: listeners and idle connections close now, in-flight requests finish."""
+        with self._watch:
+            for key in list(self.selector.get_map().values()):
+                if key.data in ("listener", "conn"):
+                    self.selector.unregister(key.fileobj)
+                    key.fileobj.close()
+            for conn in self._ready:
+                conn.close()
+            self._ready.clear()
         deadline = time.monotonic() + graceful_timeout
-        while self._in_flight and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
