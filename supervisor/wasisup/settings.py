@@ -46,6 +46,13 @@ def validate_seconds(value: object) -> float:
     return seconds
 
 
+def validate_positive(value: object) -> int:
+    number = validate_pos_int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1: {value!r}")
+    return number
+
+
 def validate_env(value: object) -> list[tuple[str, str]]:
     """KEY=VALUE strings (or a dict, in a config file) -> the guest's environment."""
     if isinstance(value, dict):
@@ -84,8 +91,10 @@ class Component(Setting):
     validator = validate_string
     default = None
     desc = """\
-        The wasi:http/proxy component to serve: a .wasm (compiled once, in a child process,
-        into a cache keyed by its hash) or a .cwasm made by ``wasisup compile``.
+        The wasi:http/proxy component to serve: a .wasm, or a .cwasm from ``wasisup compile``.
+
+        A .wasm is compiled once, in a child process, into a cache keyed by its hash, the
+        wasmtime version and the engine settings.
         """
 
 
@@ -108,7 +117,7 @@ class MaxInstanceReuse(Setting):
     cli = ["--max-instance-reuse"]
     meta = "INT"
     type = int
-    validator = validate_pos_int
+    validator = validate_positive
     default = 1
     desc = """\
         Requests one guest instance serves before it is replaced by a fresh one.
