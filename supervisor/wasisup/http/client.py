@@ -149,13 +149,13 @@ def error_code(exc: BaseException, before_response: bool) -> Any:
         exc = exc.reason
     if isinstance(exc, NameResolutionError) or isinstance(exc, socket.gaierror):
         return ("DNS-error", {"rcode": "address not available", "info-code": 0})
-    if isinstance(exc, ConnectTimeoutError):
-        return "connection-timeout"
-    if isinstance(exc, NewConnectionError):
+    if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError)
         cause = exc.__context__ or exc.__cause__
         if isinstance(cause, socket.gaierror):
             return ("DNS-error", {"rcode": "address not available", "info-code": 0})
         return "connection-refused"
+    if isinstance(exc, ConnectTimeoutError):
+        return "connection-timeout"
     if isinstance(exc, ReadTimeoutError) or isinstance(exc, TimeoutError):
         return "connection-read-timeout"
     if isinstance(exc, SSLError) or isinstance(exc, ssl.SSLError):

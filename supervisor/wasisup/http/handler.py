@@ -123,8 +123,9 @@ class ResponseWriter:
         self.status = response.status
         self.chunked = (self.conn.h11.their_http_version == b"1.1"
                         and response.header_fields.first("content-length") is None)
-        headers = [(name, value) for name, value in response.header_fields.pairs()]
-        headers.append(("date", http_date()))
+        headers = response.header_fields.pairs()
+        if response.header_fields.first("date") is None:
+            headers.append(("date", http_date()))
         if self.conn.must_close:
             headers.append(("connection", "close"))
         try:
