@@ -13,6 +13,7 @@ import logging
 import os
 import runpy
 import shlex
+import socket
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -60,6 +61,24 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
     return parser
 
 
+def check_bindable(address: Any) -> None:
+    """Fail now, in one line, for an address gunicorn would retry binding for seconds."""
+    if isinstance(address, (str, bytes)):  # a unix socket path
+        return
+    host, port = address[0], address[1]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise UsageError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+
+
 class WasiApplication(BaseApplication):
     """Parses the configuration, prepares the component, runs the arbiter."""
 
@@ -93,6 +112,8 @@ class WasiApplication(BaseApplication):
                 self._set(setting.name, value)
         if not cfg.component:
             raise UsageError("no COMPONENT given (a .wasm or .cwasm to serve)")
+        for address in cfg.address:
+            check_bindable(address)
         self._set("worker_class", "wasisup.worker.WasmWorker")
         self._set("default_proc_name", Path(cfg.component).name)
         self._set("child_exit", _child_exit)

