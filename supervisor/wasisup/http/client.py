@@ -72,19 +72,18 @@ class OutboundClient:
         if not self.allowed(authority):
             raise Err("HTTP-request-denied")
         future = FutureIncomingResponse(waker)
-        pipe = OutboundPipe(waker)
-        body = request.outgoing_body
-        if body is not None:
-            attach_body(body, pipe)
-        else:
-            pipe.finish(None)
+        pipe: Optional[OutboundPipe] = None
+        if request.outgoing_body is not None:  # a guest that never asked for a body sends none
+            pipe = OutboundPipe(waker)
+            attach_body(request.outgoing_body, pipe)
         url = f"{scheme}://{authority}{request.path_with_query() or '/'}"
         self.threads.submit(self._exchange, method_wire(request.method()), url,
                             request.header_fields.pairs(), pipe, options, future)
         return future
 
     def _exchange(self, method: str, url: str, headers: list[tuple[str, bytes]],
-                  body: OutboundPipe, options: RequestOptions, future: FutureIncomingResponse) -> None:
+                  body: Optional[OutboundPipe], options: RequestOptions,
+                  future: FutureIncomingResponse) -> None:
         sent_headers: dict[str, Any] = {"user-agent": SKIP_HEADER, "accept-encoding": SKIP_HEADER}
         for name, value in headers:
             text = value.decode("latin-1")
@@ -94,11 +93,12 @@ class OutboundClient:
                                   read=_seconds(options.first_byte))
         try:
             response = self.pool.urlopen(
-                method, url, body=_chunks(body), headers=sent_headers, redirect=False,
+                method, url, body=_chunks(body) if body else None, headers=sent_headers, redirect=False,
                 retries=False, preload_content=False, decode_content=False, timeout=timeout,
                 assert_same_host=False)
         except Exception as exc:  # every failure is the guest's error-code, none is ours
-            body.abandon()
+            if body is not None:
+                body.abandon()
             future.resolve(Err(error_code(exc, before_response=True)))
             return
         sock = getattr(response.connection, "sock", None)

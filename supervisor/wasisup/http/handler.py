@@ -27,6 +27,20 @@ log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+# What `wasmtime serve` answers when the guest fails; the same bytes keep clients indifferent.
+GUEST_FAILURE_PAGE = b"""<!doctype html>
+<html>
+<head>
+    <title>500 Internal Server Error</title>
+</head>
+<body>
+    <center>
+        <h1>500 Internal Server Error</h1>
+        <hr>
+        wasmtime
+    </center>
+</body>
+</html>"""
 
 
 class ClientBody:
@@ -37,6 +51,7 @@ class ClientBody:
         self.limit = limit
         self.received = 0
         self.too_large = False
+        self.malformed = False
         self._chunks: list[bytes] = []
         self._done = conn.h11.their_state is not h11.SEND_BODY
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
@@ -51,7 +66,8 @@ class ClientBody:
             try:
                 event = conn.next_event(block=False)
             except h11.RemoteProtocolError as exc:
-                self._fail(f"malformed request body: {exc}", ("HTTP-protocol-error"))
+                self.malformed = True
+                self._fail(f"malformed request body: {exc}", "HTTP-protocol-error")
                 return
             if event is h11.NEED_DATA:
                 return
@@ -117,7 +133,8 @@ class ResponseWriter:
         if self.state != "pending":
             raise Trap("response-outparam.set called twice")
         if isinstance(outcome, Err):
-            self.send_error(500, f"the guest reported an error: {_describe(outcome.value)}")
+            log.warning("the guest answered with an error: %s", _describe(outcome.value))
+            self.send_guest_failure()
             return
         response: OutgoingResponse = outcome.value
         self.status = response.status
@@ -129,8 +146,9 @@ class ResponseWriter:
         if self.conn.must_close:
             headers.append(("connection", "close"))
         try:
-            self.conn.send(h11.Response(status_code=response.status, headers=headers,
-                                        reason=_reason(response.status)))
+            self.conn.send_response_head(h11.Response(status_code=response.status, headers=headers,
+                                                      reason=_reason(response.status)),
+                                         self.head_only)
         except h11.LocalProtocolError as exc:
             self.send_error(500, f"the guest's response is not valid HTTP: {exc}")
             return
@@ -189,16 +207,25 @@ class ResponseWriter:
 
     # -- what the handler does when the guest is done
     def send_error(self, status: int, message: str) -> None:
-        """Answer with an error if nothing was sent yet; otherwise cut the connection."""
+        """Answer with a plain-text error and close, if nothing was sent yet."""
+        self._send_failure(status, "text/plain; charset=utf-8", f"{message}\n".encode(), close=True)
+
+    def send_guest_failure(self) -> None:
+        """The guest trapped or gave no response: the 500 page `wasmtime serve` sends."""
+        self._send_failure(500, "text/html; charset=UTF-8", GUEST_FAILURE_PAGE, close=False)
+
+    def _send_failure(self, status: int, content_type: str, body: bytes, close: bool) -> None:
+        """Answer ``status`` if nothing was sent yet; otherwise cut the connection."""
         if self.state == "pending":
             self.status = status
-            body = f"{message}\n".encode()
-            self.conn.must_close = True
+            headers = [("content-type", content_type), ("content-length", str(len(body))),
+                       ("date", http_date())]
+            if close:
+                self.conn.must_close = True
+                headers.append(("connection", "close"))
             try:
-                self.conn.send(h11.Response(status_code=status, reason=_reason(status), headers=[
-                    ("content-type", "text/plain; charset=utf-8"),
-                    ("content-length", str(len(body))), ("date", http_date()),
-                    ("connection", "close")]))
+                self.conn.send(h11.Response(status_code=status, reason=_reason(status),
+                                            headers=headers))
                 if not self.head_only:
                     self.conn.send(h11.Data(data=body))
                 self.conn.send(h11.EndOfMessage(), flush=True)
@@ -273,27 +300,40 @@ class GuestHandler:
                 finally:
                     guest.context.waker.before_sleep = None
         except GuestTrap as trap:
+            if self._client_at_fault(body, writer):
+                return
             self._count_trap(trap.kind)
             if trap.kind == "timeout":
                 log.warning("[%s] guest passed its deadline: %s", request_id, trap)
                 writer.send_error(504, "the guest did not finish within the request timeout")
             else:
                 log.warning("[%s] guest trapped: %s", request_id, trap)
-                writer.send_error(500, "the guest trapped" if trap.kind == "trap"
-                                  else "the guest could not be instantiated")
+                writer.send_guest_failure()
             return
         except Exception:
             log.exception("[%s] request failed", request_id)
             writer.send_error(500, "internal server error")
             return
-        if body.too_large and writer.state == "pending":
-            writer.send_error(413, "request body too large")
-        elif writer.state == "pending":
+        if self._client_at_fault(body, writer):
+            return
+        if writer.state == "pending":
             self._count_trap("no-response")
-            writer.send_error(500, "the guest returned without setting a response")
+            log.warning("[%s] the guest returned without setting a response", request_id)
+            writer.send_guest_failure()
         elif writer.state == "streaming":
             log.warning("[%s] guest returned before finishing the response body", request_id)
             writer.abort()
+
+    @staticmethod
+    def _client_at_fault(body: ClientBody, writer: "ResponseWriter") -> bool:
+        """A body the client got wrong is answered 400/413, whatever the guest made of it."""
+        if body.malformed:
+            writer.send_error(400, "malformed request body")
+        elif body.too_large:
+            writer.send_error(413, "request body too large")
+        else:
+            return False
+        return True
 
     def _count_trap(self, kind: str) -> None:
         if self.metrics is not None:

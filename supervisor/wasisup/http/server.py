@@ -144,6 +144,17 @@ class Connection:
         if flush or len(self._pending) >= RECV_SIZE:
             self.flush()
 
+    def send_response_head(self, response: h11.Response, head_only: bool) -> None:
+        """Like ``send``; for a HEAD request without a length, no framing header at all.
+
+        h11 announces the chunked framing a GET would have had; hyper (and so `wasmtime
+        serve`) announces none, and a HEAD response has no body to frame either way.
+        """
+        data = self.h11.send(response)
+        if head_only and data:
+            data = data.replace(b"\r\nTransfer-Encoding: chunked\r\n", b"\r\n", 1)
+        self._pending += data
+
     def flush(self) -> None:
         if self._pending:
             data, self._pending = self._pending, bytearray()

@@ -1,0 +1,75 @@
+"""Differential test: every test guest, served by wasisup and by `wasmtime serve` (the oracle),
+gives the same status, headers and body for the same requests.
+
+Compared: the status; every header (names case-insensitively) except `date`; the body bytes.
+Framing headers (`content-length`, `transfer-encoding`) are compared too: a host must frame a
+response the same way — length when the guest declares one, chunked when it does not.
+"""
+
+from __future__ import annotations
+
+import http.client
+
+import pytest
+
+from conftest import guest, running, wasisup_argv, wasmtime_serve_argv
+
+IGNORED = {"date"}
+
+CASES = {
+    "hello": [("GET", "/", None, {}), ("HEAD", "/", None, {}), ("POST", "/x?y=1", b"body", {})],
+    "echo": [("GET", "/a/b?c=d&e", None, {"X-One": "1", "Accept": "*/*"}),
+             ("POST", "/post", b"some body \x00\x01", {"Content-Type": "application/x-test"}),
+             ("DELETE", "/thing/7", None, {}),
+             ("PURGE", "/cache", None, {})],
+    "stream": [("GET", "/download?size=100000", None, {}),
+               ("POST", "/upload", bytes(range(256)) * 300, {}),
+               ("GET", "/missing", None, {})],
+    "trap": [("GET", "/", None, {})],
+    "noresponse": [("GET", "/", None, {})],
+    "stdio": [("GET", "/printing", None, {})],
+    "hello-js": [("GET", "/js?q=1", None, {"x-test": "abc"}), ("POST", "/post", b"12345", {}),
+                 ("GET", "/teapot", None, {})],
+}
+
+
+def exchange(port: int, method: str, path: str, body, headers) -> tuple:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Host": "example.test", **headers})
+        response = conn.getresponse()
+        data = response.read()
+        kept = sorted((k.lower(), v) for k, v in response.getheaders() if k.lower() not in IGNORED)
+        return response.status, kept, data
+    finally:
+        conn.close()
+
+
+def replies(argv_for_port, requests, tmp) -> list[tuple]:
+    with running(argv_for_port, tmp) as server:
+        return [exchange(server.port, *request) for request in requests]
+
+
+def outbound_requests(upstream: str, closed: str) -> list[tuple]:
+    return [("GET", f"/?url={upstream}/path%3Fq%3D1", None, {}),
+            ("GET", f"/?url={upstream}/bytes%3Fsize%3D70000", None, {}),
+            ("GET", f"/?url={closed}/nothing-here", None, {})]
+
+
+@pytest.mark.parametrize("name", [*CASES, "outbound"])
+def test_same_answers_as_wasmtime_serve(name, tmp_path, upstream):
+    from conftest import closed_port
+    requests = CASES.get(name) or outbound_requests(upstream, f"http://127.0.0.1:{closed_port()}")
+    component = guest(name)
+    ours = replies(lambda port: wasisup_argv(component, port=port), requests, tmp_path)
+    theirs = replies(wasmtime_serve_argv(component), requests, tmp_path)
+    for request, mine, reference in zip(requests, ours, theirs):
+        if name == "outbound":  # the upstream's own Date header differs between the runs
+            mine, reference = _without_upstream_date(mine), _without_upstream_date(reference)
+        assert mine == reference, f"{request[0]} {request[1]}:\n  wasisup:         {mine!r:.600}\n  wasmtime serve:  {reference!r:.600}"
+
+
+def _without_upstream_date(reply: tuple) -> tuple:
+    status, headers, body = reply
+    lines = [line for line in body.split(b"\n") if not line.lower().startswith(b"date:")]
+    return status, headers, b"\n".join(lines)
