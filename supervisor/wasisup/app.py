@@ -112,8 +112,9 @@ class WasiApplication(BaseApplication):
                 self._set(setting.name, value)
         if not cfg.component:
             raise UsageError("no COMPONENT given (a .wasm or .cwasm to serve)")
-        for address in cfg.address:
-            check_bindable(address)
+        if self.prepared is None:  # at start; on reload our master holds these addresses
+            for address in cfg.address:
+                check_bindable(address)
         self._set("worker_class", "wasisup.worker.WasmWorker")
         self._set("default_proc_name", Path(cfg.component).name)
         self._set("child_exit", _child_exit)

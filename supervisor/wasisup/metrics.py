@@ -25,13 +25,20 @@ def setup() -> str:
             if name.endswith(".db"):
                 os.unlink(os.path.join(path, name))
     else:
+        global _owner_pid
         path = tempfile.mkdtemp(prefix="wasisup-metrics-")
         os.environ[ENV] = path
+        _owner_pid = os.getpid()
     return path
 
 
+_owner_pid = 0
+
+
 def cleanup(path: str) -> None:
-    if path.startswith(tempfile.gettempdir()) and "wasisup-metrics-" in path:
+    """Remove a directory ``setup`` created — from the master only (workers unwind through
+    the same stack when they exit)."""
+    if os.getpid() == _owner_pid and "wasisup-metrics-" in os.path.basename(path):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -12,7 +12,7 @@ import fnmatch
 import logging
 import socket
 import ssl
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Iterator, Optional
 
 import urllib3
@@ -50,7 +50,6 @@ class OutboundClient:
         self.allow = tuple(pattern.lower() for pattern in allow)
         self.pool = urllib3.PoolManager(num_pools=64, maxsize=max_connections, block=False,
                                         retries=False)
-        self.threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="wasisup-out")
 
     def allowed(self, authority: str) -> bool:
         if not self.allow:
@@ -77,8 +76,10 @@ class OutboundClient:
             pipe = OutboundPipe(waker)
             attach_body(request.outgoing_body, pipe)
         url = f"{scheme}://{authority}{request.path_with_query() or '/'}"
-        self.threads.submit(self._exchange, method_wire(request.method()), url,
-                            request.header_fields.pairs(), pipe, options, future)
+        # A daemon thread per exchange: a fast stop (INT/QUIT) must not wait for upstreams.
+        threading.Thread(target=self._exchange, name="wasisup-out", daemon=True,
+                         args=(method_wire(request.method()), url, request.header_fields.pairs(),
+                               pipe, options, future)).start()
         return future
 
     def _exchange(self, method: str, url: str, headers: list[tuple[str, bytes]],
@@ -129,7 +130,6 @@ class OutboundClient:
         pipe.finish()
 
     def close(self) -> None:
-        self.threads.shutdown(wait=False, cancel_futures=True)
         self.pool.clear()
 
 

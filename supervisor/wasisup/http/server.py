@@ -64,6 +64,7 @@ class Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.idle_since = time.monotonic()
         self.must_close = False
+        self.fresh = True  # no request read yet
         self._pending = bytearray()
 
     def fileno(self) -> int:
@@ -108,6 +109,7 @@ class Connection:
                     raise BadRequest(414, "request line too long")
                 self.h11.receive_data(data)
                 continue
+            self.fresh = False
             if isinstance(event, h11.ConnectionClosed):
                 return None
             if not isinstance(event, h11.Request):
@@ -369,16 +371,31 @@ class Server:
         return conn.finish_cycle()
 
     def _drain(self, threads: list[threading.Thread], graceful_timeout: float) -> None:
-        """Graceful stop: listeners and idle connections close now, in-flight requests finish."""
+        """Graceful stop: stop accepting, close idle kept-alive connections, answer requests
+        that have arrived (or are arriving on just-accepted connections), finish in-flight
+        ones."""
+        deadline = time.monotonic() + graceful_timeout
         with self._watch:
+            ready, self._ready = self._ready, []
+            fresh = []
             for key in list(self.selector.get_map().values()):
                 if key.data in ("listener", "conn"):
                     self.selector.unregister(key.fileobj)
-                    key.fileobj.close()
-            for conn in self._ready:
-                conn.close()
-            self._ready.clear()
-        deadline = time.monotonic() + graceful_timeout
+                    if key.data == "conn" and key.fileobj.fresh:
+                        fresh.append(key.fileobj)
+                    else:
+                        key.fileobj.close()
+        # A client that just connected is about to send its request: give it a moment.
+        first_request_by = min(deadline, time.monotonic() + self.limits.keep_alive)
+        while fresh and time.monotonic() < first_request_by:
+            readable, _, _ = select.select(fresh, [], [], first_request_by - time.monotonic())
+            for conn in readable:
+                fresh.remove(conn)
+                ready.append(conn)
+        for conn in fresh:
+            conn.close()
+        for conn in ready:
+            self._serve_connection(conn)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.selector.close()

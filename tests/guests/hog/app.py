@@ -1,0 +1,26 @@
+"""Misbehaves on demand: /spin loops forever, /alloc?mb=N grows memory by N MiB."""
+
+from urllib.parse import parse_qs, urlsplit
+
+from componentize_py_types import Ok
+from wit_world import exports
+from wit_world.imports.types import Fields, OutgoingBody, OutgoingResponse, ResponseOutparam
+
+_kept = []
+
+
+class IncomingHandler(exports.IncomingHandler):
+    def handle(self, request, response_out) -> None:
+        url = urlsplit(request.path_with_query() or "/")
+        if url.path == "/spin":
+            while True:
+                pass
+        if url.path == "/alloc":
+            megabytes = int(parse_qs(url.query).get("mb", ["1"])[0])
+            _kept.append(bytearray(megabytes * 1024 * 1024))
+        response = OutgoingResponse(Fields.from_list([("content-type", b"text/plain")]))
+        body = response.body()
+        ResponseOutparam.set(response_out, Ok(response))
+        with body.write() as stream:
+            stream.blocking_write_and_flush(b"done\n")
+        OutgoingBody.finish(body, None)

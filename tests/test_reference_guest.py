@@ -1,0 +1,70 @@
+"""The reference guest (guest/proxy) in front of a real local upstream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import Server, closed_port, free_port, guest, wasisup_argv
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory, upstream):
+    port = free_port()
+    server = Server(wasisup_argv(guest("proxy"), "--env", f"UPSTREAM={upstream}", port=port),
+                    port, tmp_path_factory.mktemp("proxy")).wait_ready()
+    yield server
+    server.stop()
+
+
+def test_healthz(proxy):
+    status, headers, body = proxy.request("GET", "/healthz")
+    assert (status, body) == (200, b"ok\n")
+
+
+def test_forwards_method_path_query_headers_and_body(proxy):
+    status, headers, body = proxy.request("POST", "/api/items?limit=5&sort=asc", body=b'{"a": 1}',
+                                          headers={"X-Request-Id": "abc", "Content-Type": "application/json"})
+    assert status == 200
+    assert headers["x-wasisup-proxy"] == "1" and headers["x-upstream"] == "yes"
+    seen = json.loads(body)
+    assert seen["method"] == "POST" and seen["path"] == "/api/items?limit=5&sort=asc"
+    assert seen["body"] == '{"a": 1}'
+    received = dict(seen["headers"])
+    assert received["x-request-id"] == "abc" and received["content-type"] == "application/json"
+    assert received["host"] != f"127.0.0.1:{proxy.port}", "the client's Host is not forwarded"
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+def test_methods_are_forwarded(proxy, method):
+    status, headers, body = proxy.request(method, "/m", body=b"x" if method in ("PUT", "PATCH") else None)
+    assert status == 200 and json.loads(body)["method"] == method
+
+
+def test_upstream_status_is_passed_through(proxy):
+    assert proxy.request("GET", "/anything?status=404")[0] == 404
+
+
+def test_large_bodies_stream_through(proxy):
+    size = 3 * 1024 * 1024 + 7
+    status, _, body = proxy.request("GET", f"/bytes?size={size}")
+    expected = (bytes(range(256)) * (size // 256 + 1))[:size]
+    assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
+    payload = bytes(range(256)) * 8192  # 2 MiB up
+    status, _, body = proxy.request("POST", "/up", body=payload)
+    assert status == 200 and len(json.loads(body)["body"]) == len(payload)
+
+
+def test_unreachable_upstream_gives_502_naming_the_failure(serve):
+    server = serve("proxy", "--env", f"UPSTREAM=http://127.0.0.1:{closed_port()}")
+    status, headers, body = server.request("GET", "/anything")
+    assert status == 502 and headers["x-wasisup-proxy"] == "1"
+    assert body == b"upstream error: connection-refused\n"
+    assert server.request("GET", "/healthz")[0] == 200
+
+
+def test_missing_upstream_setting_gives_502(serve):
+    status, _, body = serve("proxy").request("GET", "/x")
+    assert status == 502 and b"UPSTREAM is not set" in body

@@ -1,0 +1,275 @@
+"""The supervisor with real processes and signals: workers, titles, restarts, reloads, scaling,
+graceful stops, limits and Prometheus metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import closed_port, free_port, guest
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def title(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def workers(master: int) -> list[int]:
+    return [pid for pid in children(master) if "wasisup: worker" in title(pid)]
+
+
+def wait_until(condition, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+class Load:
+    """Requests in a loop from a few threads, recording every outcome, until stopped."""
+
+    def __init__(self, server, path: str = "/", threads: int = 3) -> None:
+        self.server, self.path = server, path
+        self.results: list[tuple[int, bytes]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, _, body = self.server.request("GET", self.path, timeout=30)
+                self.results.append((status, body))
+            except Exception as exc:  # a failed request is what these tests count
+                self.errors.append(repr(exc))
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_workers_and_process_titles(serve):
+    server = serve("hello", "-w", "3")
+    master = server.proc.pid
+    wait_until(lambda: len(workers(master)) == 3, what="3 workers")
+    assert title(master).startswith("wasisup: master [hello-")
+    for pid in workers(master):
+        assert re.fullmatch(r"wasisup: worker \[hello-\w+\.wasm\]", title(pid))
+
+
+def test_killed_worker_is_replaced_and_only_its_requests_fail(serve):
+    server = serve("hello", "-w", "2", "--threads", "2")
+    master = server.proc.pid
+    before = wait_until(lambda: len(workers(master)) == 2 and workers(master), what="2 workers")
+    with Load(server, threads=4) as load:
+        time.sleep(1)
+        os.kill(before[0], signal.SIGKILL)
+        replaced = wait_until(lambda: (w := workers(master)) and len(w) == 2 and before[0] not in w
+                              and w, what="a replacement worker")
+        time.sleep(1)
+    assert set(replaced) != set(before)
+    ok = [r for r in load.results if r == (200, b"hello from wasm\n")]
+    assert len(ok) > 20
+    # At most the killed worker's in-flight requests (its 2 threads) fail.
+    assert len(load.errors) + len(load.results) - len(ok) <= 2, load.errors
+
+
+def test_hup_swaps_the_component_without_failing_a_request(serve, tmp_path):
+    served = tmp_path / "app.wasm"
+    shutil.copyfile(guest("hello"), served)
+    server = serve(served, "-w", "2")
+    with Load(server, threads=3) as load:
+        time.sleep(1)
+        staged = tmp_path / "staged.wasm"
+        shutil.copyfile(guest("hello-js"), staged)
+        os.replace(staged, served)
+        server.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(body.startswith(b"hello from js") for _, body in load.results[-5:]),
+                   timeout=60, what="answers from the new component")
+        time.sleep(1)
+    assert not load.errors, load.errors
+    assert all(status == 200 for status, _ in load.results)
+    assert load.results[-1][1].startswith(b"hello from js")
+
+
+def test_ttin_and_ttou_change_the_worker_count(serve):
+    server = serve("hello", "-w", "2")
+    master = server.proc.pid
+    wait_until(lambda: len(workers(master)) == 2, what="2 workers")
+    server.send_signal(signal.SIGTTIN)
+    wait_until(lambda: len(workers(master)) == 3, what="3 workers after TTIN")
+    for count in (2, 1):  # one at a time: the kernel merges a signal sent while one is pending
+        server.send_signal(signal.SIGTTOU)
+        wait_until(lambda: len(workers(master)) == count, what=f"{count} workers after TTOU")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT])
+def test_graceful_stop_finishes_in_flight_requests(serve, upstream, signum):
+    server = serve("proxy", "--env", f"UPSTREAM={upstream}", "--threads", "4")
+    outcomes: list = []
+
+    def slow() -> None:
+        try:
+            outcomes.append(server.request("GET", "/slow?seconds=2", timeout=30)[0])
+        except Exception as exc:
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=slow) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.7)
+    server.send_signal(signum)
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == [200, 200, 200]
+    assert server.proc.wait(30) == 0
+
+
+def test_int_stops_fast(serve, upstream):
+    server = serve("proxy", "--env", f"UPSTREAM={upstream}")
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: _quietly(server.request, "GET", "/slow?seconds=10"))
+    thread.start()
+    time.sleep(0.5)
+    server.send_signal(signal.SIGINT)
+    server.proc.wait(30)
+    assert time.monotonic() - started < 8
+    thread.join(30)
+
+
+def _quietly(func, *args):
+    try:
+        return func(*args)
+    except Exception as exc:
+        return exc
+
+
+def test_metrics_show_in_flight_per_worker(serve, upstream):
+    metrics_port = free_port()
+    server = serve("proxy", "-w", "2", "--env", f"UPSTREAM={upstream}",
+                   "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    master = server.proc.pid
+    pids = wait_until(lambda: len(workers(master)) == 2 and workers(master), what="2 workers")
+    wait_until(lambda: all(f'pid="{pid}"' in metrics_text(metrics_port) for pid in pids),
+               what="a series per worker")
+    thread = threading.Thread(target=lambda: server.request("GET", "/slow?seconds=3"))
+    thread.start()
+    busy = wait_until(lambda: re.findall(r'wasisup_requests_in_flight\{pid="(\d+)"\} 1\.0',
+                                         metrics_text(metrics_port)), what="a busy worker")
+    text = metrics_text(metrics_port)
+    series = re.findall(r'wasisup_requests_in_flight\{pid="(\d+)"\} ([\d.]+)', text)
+    assert sorted(int(pid) for pid, _ in series) == sorted(pids)
+    assert len(busy) == 1 and int(busy[0]) in pids
+    thread.join(30)
+    assert 'wasisup_requests_total{code="200"}' in metrics_text(metrics_port)
+    assert "wasisup_component_info{" in text and "wasisup_instantiations_total" in text
+
+    # A dead worker's series goes away with it.
+    os.kill(pids[0], signal.SIGKILL)
+    wait_until(lambda: f'pid="{pids[0]}"' not in metrics_text(metrics_port)
+               and "wasisup_worker_restarts_total 1.0" in metrics_text(metrics_port),
+               what="the dead worker's series to go")
+
+
+def test_request_timeout_interrupts_a_spinning_guest(serve, upstream):
+    server = serve("hog", "--request-timeout", "1")
+    status, _, _ = server.request("GET", "/spin")
+    assert status == 504
+    assert server.request("GET", "/")[0] == 200, "the worker lives on"
+    proxy = serve("proxy", "--request-timeout", "1", "--env", f"UPSTREAM={upstream}")
+    assert proxy.request("GET", "/slow?seconds=5")[0] == 504, "a guest waiting on I/O times out too"
+
+
+def test_max_memory_fails_the_request_not_the_worker(serve):
+    server = serve("hog", "--max-memory", "64M")
+    assert server.request("GET", "/alloc?mb=8")[0] == 200
+    assert server.request("GET", "/alloc?mb=200")[0] == 500
+    assert server.request("GET", "/")[0] == 200
+
+
+def test_allow_outbound(serve, upstream):
+    denied = serve("proxy", "--env", f"UPSTREAM={upstream}", "--allow-outbound", "*.example.com")
+    status, _, body = denied.request("GET", "/x")
+    assert status == 502 and body == b"upstream error: http-request-denied\n"
+    allowed = serve("proxy", "--env", f"UPSTREAM={upstream}", "--allow-outbound", "127.0.0.*")
+    assert allowed.request("GET", "/x")[0] == 200
+
+
+def test_request_limits(serve):
+    server = serve("stream", "--limit-request-body", "1000", "--limit-request-line", "100")
+    assert server.request("POST", "/upload", body=b"x" * 1000)[0] == 200
+    assert server.request("POST", "/upload", body=b"x" * 1001)[0] == 413
+    assert server.request("GET", "/" + "a" * 200)[0] == 414
+
+
+def test_max_requests_restarts_the_worker(serve):
+    server = serve("hello", "--max-requests", "5")
+    master = server.proc.pid
+    first = wait_until(lambda: workers(master), what="a worker")
+    for _ in range(8):
+        assert server.request("GET", "/")[0] == 200
+    wait_until(lambda: (w := workers(master)) and w != first, what="a fresh worker")
+
+
+def test_config_file_and_env_args(serve, tmp_path, upstream):
+    config = tmp_path / "wasisup.conf.py"
+    config.write_text(f'guest_env = {{"UPSTREAM": "{upstream}"}}\nthreads = 2\n')
+    server = serve("proxy", "-c", str(config), env={"WASISUP_CMD_ARGS": "--max-instance-reuse 3"})
+    assert server.request("GET", "/cfg")[0] == 200
+    bad = tmp_path / "bad.conf.py"
+    bad.write_text("wokers = 3\n")
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "wasisup", "-c", str(bad), str(guest("hello"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown setting 'wokers'" in result.stderr
+
+
+def test_unbindable_address_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "wasisup", "-b", "no-such-host.invalid:80",
+                             str(guest("hello"))], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("wasisup: error: cannot bind")
+
+
+def test_pidfile(serve, tmp_path):
+    pidfile = tmp_path / "wasisup.pid"
+    server = serve("hello", "--pid", str(pidfile))
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the pidfile")
+    assert int(pidfile.read_text()) == server.proc.pid
