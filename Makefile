@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UPSTREAM ?= http://127.0.0.1:9000
 BIND ?= 127.0.0.1:8080
+WORKERS ?= 2
 
 .PHONY: setup guest serve test bench
 
@@ -20,7 +21,7 @@ guest: setup
 	$(BIN)/python guest/build.py guest/proxy -o build/proxy.wasm
 
 serve: guest
-	$(BIN)/wasisup -b $(BIND) --env UPSTREAM=$(UPSTREAM) build/proxy.wasm
+	$(BIN)/wasisup -w $(WORKERS) -b $(BIND) --env UPSTREAM=$(UPSTREAM) build/proxy.wasm
 
 test: setup
 	$(BIN)/python -m pytest -q tests
