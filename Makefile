@@ -7,7 +7,7 @@ UPSTREAM ?= http://127.0.0.1:9000
 BIND ?= 127.0.0.1:8080
 WORKERS ?= 2
 
-.PHONY: setup guest serve test bench
+.PHONY: setup guest serve test test-deploy bench
 
 $(BIN)/wasisup: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ serve: guest
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-deploy: setup
+	$(BIN)/python -m pytest -q -m deploy tests/test_deploy.py
 
 bench: setup
 	$(BIN)/python bench/run.py

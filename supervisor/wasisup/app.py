@@ -38,7 +38,9 @@ class UsageError(Exception):
     """Bad configuration: reported as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as UsageError (one line, exit 2) instead of printed."""
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
@@ -51,7 +53,7 @@ def exposed_settings(cfg: Config) -> list[Any]:
 
 
 def build_parser(cfg: Config) -> argparse.ArgumentParser:
-    parser = _Parser(prog="wasisup", usage="wasisup [OPTIONS] COMPONENT",
+    parser = Parser(prog="wasisup", usage="wasisup [OPTIONS] COMPONENT",
                      description="Serve a wasi:http/proxy WebAssembly component "
                                  "(`wasisup compile IN.wasm -o OUT.cwasm` precompiles one).")
     parser.add_argument("component", nargs="?", metavar="COMPONENT",

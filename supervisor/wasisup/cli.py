@@ -9,20 +9,14 @@ Bad input is reported as one line, ``wasisup: error: ...``, with exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import metrics
-from .app import UsageError, WasiApplication
+from .app import Parser, UsageError, WasiApplication
 from .compile import CompileError, compile_component
 from .wasi.linker import LinkError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def check(cwasm: Path) -> None:
@@ -33,7 +27,7 @@ def check(cwasm: Path) -> None:
 
 
 def compile_main(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="wasisup compile", description="Precompile a component to a .cwasm.")
+    parser = Parser(prog="wasisup compile", description="Precompile a component to a .cwasm.")
     parser.add_argument("input", type=Path, help="the component (.wasm)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .cwasm to write")
     args = parser.parse_args(argv)
@@ -49,7 +43,7 @@ def compile_main(argv: Sequence[str]) -> int:
 
 
 def check_main(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="wasisup check", description="Check a .cwasm loads and links here.")
+    parser = Parser(prog="wasisup check", description="Check a .cwasm loads and links here.")
     parser.add_argument("cwasm", type=Path)
     check(parser.parse_args(argv).cwasm)
     return 0

@@ -341,17 +341,37 @@ def attach_body(body: OutgoingBody, transport: Transport) -> None:
 # Requests and responses
 
 
-class IncomingRequest(Resource):
+class IncomingMessage(Resource):
+    """What incoming requests and responses share: immutable headers and a body taken once."""
+
+    def __init__(self, headers: Fields, body: BodySource, waker: Waker) -> None:
+        self._headers = headers
+        self._body: Optional[IncomingBody] = IncomingBody(body, waker)
+
+    def headers(self) -> Fields:
+        return self._headers.view()
+
+    def consume(self) -> IncomingBody:
+        body, self._body = self._body, None
+        if body is None:
+            raise Err()
+        return body
+
+    def drop(self) -> None:
+        if self._body is not None:
+            self._body.source.close()
+
+
+class IncomingRequest(IncomingMessage):
     """wasi:http incoming-request: a request from the client, built by the server."""
 
     def __init__(self, method: str, path_with_query: str, scheme: str, authority: Optional[str],
                  headers: Fields, body: BodySource, waker: Waker) -> None:
+        super().__init__(headers, body, waker)
         self._method = method_case(method)
         self._path_with_query = path_with_query
         self._scheme = scheme_case(scheme)
         self._authority = authority
-        self._headers = headers
-        self._body: Optional[IncomingBody] = IncomingBody(body, waker)
 
     def method(self) -> Any:
         return self._method
@@ -364,15 +384,6 @@ class IncomingRequest(Resource):
 
     def authority(self) -> Optional[str]:
         return self._authority
-
-    def headers(self) -> Fields:
-        return self._headers.view()
-
-    def consume(self) -> IncomingBody:
-        body, self._body = self._body, None
-        if body is None:
-            raise Err()
-        return body
 
 
 class OutgoingMessage(Resource):
@@ -511,29 +522,15 @@ class RequestOptions(Resource):
         self.between_bytes = duration
 
 
-class IncomingResponse(Resource):
+class IncomingResponse(IncomingMessage):
     """wasi:http incoming-response: what upstream answered an outbound request."""
 
     def __init__(self, status: int, headers: Fields, body: BodySource, waker: Waker) -> None:
+        super().__init__(headers, body, waker)
         self._status = status
-        self._headers = headers
-        self._body: Optional[IncomingBody] = IncomingBody(body, waker)
 
     def status(self) -> int:
         return self._status
-
-    def headers(self) -> Fields:
-        return self._headers.view()
-
-    def consume(self) -> IncomingBody:
-        body, self._body = self._body, None
-        if body is None:
-            raise Err()
-        return body
-
-    def drop(self) -> None:
-        if self._body is not None:
-            self._body.source.close()
 
 
 class FutureIncomingResponse(Resource):
