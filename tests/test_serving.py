@@ -216,3 +216,34 @@ def test_core_module_and_wrong_world_are_rejected(tmp_path):
 def _builder_build(path: Path) -> Path:
     from conftest import _builder
     return _builder.build(path)
+
+
+def test_outbound_first_byte_timeout_is_the_guests(serve, upstream):
+    # The outbound guest allows 5 s for the first byte; this upstream takes 7.
+    server = serve("outbound")
+    status, _, body = server.request("GET", f"/?url={upstream}/slow%3Fseconds%3D7")
+    assert (status, body) == (502, b"outbound error: connection-read-timeout\n")
+
+
+def test_unix_socket_bind(tmp_path):
+    import socket
+    import time
+
+    from conftest import Server
+    path = tmp_path / "wasisup.sock"
+    server = Server([sys.executable, "-m", "wasisup", "-b", f"unix:{path}", str(guest("hello"))],
+                    0, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"hello from wasm\n")
+    finally:
+        server.stop()

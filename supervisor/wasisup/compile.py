@@ -73,6 +73,9 @@ def compile_component(wasm: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.name, delete=False) as tmp:
         tmp.write(component.serialize())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o644 & ~umask)  # readable like any file we write, not 0600
     os.replace(tmp.name, out)
 
 
@@ -89,7 +92,10 @@ def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     """Compile (once, cached) and check ``path`` in a child process, never in this one."""
     if not path.is_file():
         raise CompileError(f"component {path} does not exist")
-    digest = file_sha256(path)
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise CompileError(f"cannot read component {path}: {exc.strerror}") from None
     if is_precompiled(path):
         _child("check", str(path))
         return Prepared(path, digest, 0.0)
