@@ -244,6 +244,6 @@ def test_unix_socket_bind(tmp_path):
             reply = b""
             while chunk := sock.recv(65536):
                 reply += chunk
-        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"hello from wasm\n")
+        assert reply.startswith(b"HTTP/1.1 200 ") and b"\r\nhello from wasm\n\r\n" in reply
     finally:
         server.stop()
