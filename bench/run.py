@@ -81,7 +81,7 @@ def server(argv: list[str], port: int) -> Iterator[None]:
 
 def wrk(url: str, seconds: float, connections: int = 16) -> tuple[float, float]:
     """(requests/s, transfer MB/s) from wrk."""
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", url],
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)

@@ -203,10 +203,11 @@ class Connection:
                 return False
         return False
 
+    def has_pipelined_request(self) -> bool:
+        return bool(self.h11.trailing_data[0])
+
     def next_request_soon(self, linger: float) -> bool:
-        """Is the next request already here, or about to be (a busy keep-alive client)?"""
-        if self.h11.trailing_data[0]:
-            return True
+        """Does the next request arrive within ``linger`` seconds (a busy keep-alive client)?"""
         ready, _, _ = select.select([self.sock], [], [], linger)
         return bool(ready)
 
@@ -339,8 +340,15 @@ class Server:
         try:
             while True:
                 keep = self._serve_one(conn)
-                if not keep or self._stopping.is_set() or not conn.next_request_soon(LINGER):
+                if not keep or self._stopping.is_set():
                     break
+                if conn.has_pipelined_request():  # already read: no readiness event will come
+                    continue
+                # Stay on this connection only while another thread watches the others and
+                # none of them is waiting for a thread.
+                if self._watch.locked() and not self._ready and conn.next_request_soon(LINGER):
+                    continue
+                break
         except Exception:
             log.exception("connection from %s failed", conn.peer)
             keep = False
