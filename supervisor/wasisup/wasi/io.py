@@ -18,7 +18,7 @@ from .abi import Err, Interface, Resource, Trap
 
 DEADLINE_EXCEEDED = "the request deadline passed while the guest waited"
 # How much a guest may write before it has to wait (check-write's answer); blocking-write's cap.
-WRITE_BUDGET = 64 * 1024
+WRITE_BUDGET = 16 * 1024
 BLOCKING_WRITE_LIMIT = 4096
 
 
