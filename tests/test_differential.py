@@ -63,7 +63,7 @@ def test_same_answers_as_wasmtime_serve(name, tmp_path, upstream):
     component = guest(name)
     ours = replies(lambda port: wasisup_argv(component, port=port), requests, tmp_path)
     theirs = replies(wasmtime_serve_argv(component), requests, tmp_path)
-    for request, mine, reference in zip(requests, ours, theirs):
+    for request, mine, reference in zip(requests, ours, theirs, strict=True):
         if name == "outbound":  # the upstream's own Date header differs between the runs
             mine, reference = _without_upstream_date(mine), _without_upstream_date(reference)
         assert mine == reference, f"{request[0]} {request[1]}:\n  wasisup:         {mine!r:.600}\n  wasmtime serve:  {reference!r:.600}"

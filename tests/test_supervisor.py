@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import closed_port, free_port, guest
+from conftest import free_port, guest
 
 
 def children(pid: int) -> list[int]:
@@ -134,7 +134,7 @@ def test_ttin_and_ttou_change_the_worker_count(serve):
     wait_until(lambda: len(workers(master)) == 3, what="3 workers after TTIN")
     for count in (2, 1):  # one at a time: the kernel merges a signal sent while one is pending
         server.send_signal(signal.SIGTTOU)
-        wait_until(lambda: len(workers(master)) == count, what=f"{count} workers after TTOU")
+        wait_until(lambda n=count: len(workers(master)) == n, what=f"{count} workers after TTOU")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT])

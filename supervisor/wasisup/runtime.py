@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from wasmtime import Engine, Store, WasmtimeError
 from wasmtime import _ffi as ffi

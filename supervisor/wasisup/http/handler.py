@@ -156,7 +156,7 @@ class ResponseWriter:
             self.state = "aborted"
             return
         self.state = "streaming"
-        if self.head_only or response.status in _NO_BODY_STATUSES:
+        if response.status in _NO_BODY_STATUSES:
             self.head_only = True
         if response.outgoing_body is None:
             self.finish(None)
@@ -216,7 +216,12 @@ class ResponseWriter:
 
     def _send_failure(self, status: int, content_type: str, body: bytes, close: bool) -> None:
         """Answer ``status`` if nothing was sent yet; otherwise cut the connection."""
-        if self.state == "pending":
+        if self.state == "pending" and self.conn.h11.our_state is not h11.SEND_RESPONSE:
+            # h11 refused the guest's response head: answer past it, then close.
+            self.status = status
+            self.conn.send_error(status, body.decode(errors="replace").strip())
+            self.state = "done"
+        elif self.state == "pending":
             self.status = status
             headers = [("content-type", content_type), ("content-length", str(len(body))),
                        ("date", http_date())]

@@ -165,7 +165,7 @@ class Connection:
     def send_error(self, status: int, reason: str) -> None:
         """A plain-text error response, then close: the request's framing can't be trusted."""
         self.must_close = True
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE, h11.ERROR):
             try:
                 self.sock.sendall(_raw_error(status, f"{reason}\n".encode()))
             except OSError:
