@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
+from wasmtime import WasmtimeError
 from wasmtime import _ffi as ffi
 from wasmtime.component import (
     BorrowType, Bool, Char, EnumType, F32, F64, FlagsType, ListType, OptionType, OwnType,
@@ -505,9 +506,9 @@ def _trap(message: str) -> int:
 def _trampoline(data: int, ctx: int, _ty: int, args: int, _nargs: int, results: int,
                 _nresults: int) -> int:
     fn = _FUNCTIONS[data or 0]
-    res = STORES[ctx]
-    res.ctx = ctx
     try:
+        res = STORES[ctx]
+        res.ctx = ctx
         params = [lift(args + i * VAL_SIZE, res) for i, lift in enumerate(fn.lifts)]
         if fn.pass_store:
             params.insert(0, res)
@@ -551,8 +552,8 @@ _resource_type_delete = _proto("wasmtime_component_resource_type_delete", None, 
 
 def _check(err: Optional[int], what: str) -> None:
     if err:
-        from wasmtime import WasmtimeError
-        raise WasmtimeError(f"{what}: {WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))}")
+        cause = WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        raise WasmtimeError(f"{what}: {cause}")
 
 
 def add_function(instance_ptr: int, name: str, fn: HostFunction) -> None:
