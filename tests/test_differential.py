@@ -17,7 +17,8 @@ from conftest import guest, running, wasisup_argv, wasmtime_serve_argv
 IGNORED = {"date"}
 
 CASES = {
-    "hello": [("GET", "/", None, {}), ("HEAD", "/", None, {}), ("POST", "/x?y=1", b"body", {})],
+    "hello": [("GET", "/", None, {}), ("HEAD", "/", None, {}), ("POST", "/x?y=1", b"body", {}),
+              ("GET", "/nobody", None, {})],
     "echo": [("GET", "/a/b?c=d&e", None, {"X-One": "1", "Accept": "*/*"}),
              ("POST", "/post", b"some body \x00\x01", {"Content-Type": "application/x-test"}),
              ("DELETE", "/thing/7", None, {}),

@@ -33,6 +33,7 @@ log = logging.getLogger("wasisup.outbound")
 
 DEFAULT_TIMEOUT_NS = 600 * 10**9  # wasmtime's default for every request-options timeout
 READ_SIZE = 64 * 1024
+DNS_ERROR = ("DNS-error", {"rcode": "address not available", "info-code": None})
 
 
 class BodyAborted(Exception):
@@ -148,19 +149,18 @@ def error_code(exc: BaseException, before_response: bool) -> Any:
     if isinstance(exc, MaxRetryError) and exc.reason is not None:
         exc = exc.reason
     if isinstance(exc, NameResolutionError) or isinstance(exc, socket.gaierror):
-        return ("DNS-error", {"rcode": "address not available", "info-code": 0})
+        return DNS_ERROR
     if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError)
         cause = exc.__context__ or exc.__cause__
         if isinstance(cause, socket.gaierror):
-            return ("DNS-error", {"rcode": "address not available", "info-code": 0})
+            return DNS_ERROR
         return "connection-refused"
     if isinstance(exc, ConnectTimeoutError):
         return "connection-timeout"
     if isinstance(exc, ReadTimeoutError) or isinstance(exc, TimeoutError):
         return "connection-read-timeout"
     if isinstance(exc, SSLError) or isinstance(exc, ssl.SSLError):
-        text = str(exc)
-        return "TLS-certificate-error" if "CERTIFICATE" in text.upper() else "TLS-protocol-error"
+        return "TLS-protocol-error"  # wasmtime reports certificate failures this way too
     if isinstance(exc, BodyAborted):
         return ("internal-error", str(exc))
     if isinstance(exc, ProtocolError):

@@ -141,6 +141,8 @@ class ResponseWriter:
         self.chunked = (self.conn.h11.their_http_version == b"1.1"
                         and response.header_fields.first("content-length") is None)
         headers = response.header_fields.pairs()
+        if response.outgoing_body is None and response.header_fields.first("content-length") is None:
+            headers.append(("content-length", "0"))  # no body at all, as hyper says it
         if response.header_fields.first("date") is None:
             headers.append(("date", http_date()))
         if self.conn.must_close:

@@ -18,10 +18,11 @@ from .io import (
     StreamFailed, Waker,
 )
 
-# Headers a guest may neither set nor see: they belong to the connection, not the message.
+# Headers a guest may neither set nor see: they belong to the connection, not the message
+# (wasmtime-wasi-http's DEFAULT_FORBIDDEN_HEADERS).
 FORBIDDEN_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
-    "http2-settings", "te",
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "transfer-encoding", "upgrade", "host", "http2-settings",
 })
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -103,9 +104,10 @@ class Fields(Resource):
     def has(self, name: str) -> bool:
         return name.lower() in self._entries
 
+    # Checks run in wasmtime's order: name, forbidden, then immutability and values.
     def set(self, name: str, values: list[bytes]) -> None:
-        self._mutable()
         key = _settable_name(name)
+        self._mutable()
         checked = [_checked_value(v) for v in values]
         if checked:
             self._entries[key] = checked
@@ -113,12 +115,15 @@ class Fields(Resource):
             self._entries.pop(key, None)
 
     def delete(self, name: str) -> None:
+        key = _settable_name(name)
         self._mutable()
-        self._entries.pop(_settable_name(name), None)
+        self._entries.pop(key, None)
 
     def append(self, name: str, value: bytes) -> None:
+        key = _settable_name(name)
+        checked = _checked_value(value)
         self._mutable()
-        self._entries.setdefault(_settable_name(name), []).append(_checked_value(value))
+        self._entries.setdefault(key, []).append(checked)
 
     def entries(self) -> list[tuple[str, bytes]]:
         return self.pairs()

@@ -1,4 +1,4 @@
-"""The smallest useful guest: 200, text/plain, `hello from wasm`."""
+"""The smallest useful guest: 200, text/plain, `hello from wasm` (`/nobody`: no body at all)."""
 
 from componentize_py_types import Ok
 from wit_world import exports
@@ -8,6 +8,9 @@ from wit_world.imports.types import Fields, OutgoingBody, OutgoingResponse, Resp
 class IncomingHandler(exports.IncomingHandler):
     def handle(self, request, response_out) -> None:
         response = OutgoingResponse(Fields.from_list([("content-type", b"text/plain")]))
+        if request.path_with_query() == "/nobody":
+            ResponseOutparam.set(response_out, Ok(response))
+            return
         body = response.body()
         ResponseOutparam.set(response_out, Ok(response))
         with body.write() as stream:
