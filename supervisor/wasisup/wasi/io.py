@@ -109,14 +109,6 @@ def poll(store: Any, pollables: list[Pollable]) -> list[int]:
     return wait_any(pollables, store.waker)
 
 
-class AlwaysReady:
-    """The readiness of something that never makes the guest wait."""
-
-    @staticmethod
-    def ready() -> bool:
-        return True
-
-
 class StreamClosed(Exception):
     """The stream ended (input) or can take no more data (output)."""
 
