@@ -31,7 +31,11 @@ def children(pid: int) -> list[int]:
 
 
 def title(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    """A process's title, or "" once it has exited (it may go between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
 
 
 def workers(master: int) -> list[int]:
