@@ -25,6 +25,7 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
         bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
     # Package downloads pass a TLS proxy that only this machine's CA bundle trusts.
     cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+    chmod 0755 "$rootfs"  # mktemp's 0700 would become the image's / and lock out non-root users
     tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
     rm -rf "$rootfs"
 fi

@@ -101,15 +101,20 @@ def wait_for(url: str, timeout: float = 60) -> None:
     raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
+def docker_run(name: str, *args: str) -> None:
+    """Start a detached container on host networking (the engine here has no bridge rules)."""
+    started = subprocess.run(["docker", "run", "-d", "--name", name, "--network", "host", *args],
+                             capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+
+
 def test_container_serves_proxies_reports_and_drains(image, upstream):
     port, metrics_port = free_port(), free_port()
     name = f"wasisup-test-{port}"
-    # Host networking (the engine here has no bridge rules); loopback addresses only.
-    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", "host",
-                    "-e", f"UPSTREAM={upstream}",
-                    "-e", f"WASISUP_CMD_ARGS=-b 127.0.0.1:{port} --metrics-bind 127.0.0.1:{metrics_port}",
-                    image], check=True, capture_output=True)
     try:
+        docker_run(name, "-e", f"UPSTREAM={upstream}", "-e",
+                   f"WASISUP_CMD_ARGS=-b 127.0.0.1:{port} --metrics-bind 127.0.0.1:{metrics_port}",
+                   image)
         wait_for(f"http://127.0.0.1:{port}/healthz")
         assert get(f"http://127.0.0.1:{port}/healthz")[::2] == (200, b"ok\n")
         status, headers, body = get(f"http://127.0.0.1:{port}/through/the/image?x=1")
@@ -136,11 +141,9 @@ def test_container_serves_proxies_reports_and_drains(image, upstream):
 def test_container_health_check_reports_healthy(image, upstream):
     port = free_port()
     name = f"wasisup-health-{port}"
-    subprocess.run(["docker", "run", "-d", "--name", name, "--network", "host",
-                    "-e", f"WASISUP_CMD_ARGS=-b 127.0.0.1:{port}",
-                    "-e", f"WASISUP_HEALTH_URL=http://127.0.0.1:{port}/healthz", image],
-                   check=True, capture_output=True)
     try:
+        docker_run(name, "-e", f"WASISUP_CMD_ARGS=-b 127.0.0.1:{port}",
+                   "-e", f"WASISUP_HEALTH_URL=http://127.0.0.1:{port}/healthz", image)
         deadline = time.monotonic() + 60
         status = ""
         while time.monotonic() < deadline and status != "healthy":

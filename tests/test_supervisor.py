@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -262,16 +264,12 @@ def test_config_file_and_env_args(serve, tmp_path, upstream):
     assert server.request("GET", "/cfg")[0] == 200
     bad = tmp_path / "bad.conf.py"
     bad.write_text("wokers = 3\n")
-    import subprocess
-    import sys
     result = subprocess.run([sys.executable, "-m", "wasisup", "-c", str(bad), str(guest("hello"))],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown setting 'wokers'" in result.stderr
 
 
 def test_unbindable_address_is_one_line(tmp_path):
-    import subprocess
-    import sys
     result = subprocess.run([sys.executable, "-m", "wasisup", "-b", "no-such-host.invalid:80",
                              str(guest("hello"))], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
@@ -283,3 +281,16 @@ def test_pidfile(serve, tmp_path):
     server = serve("hello", "--pid", str(pidfile))
     wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the pidfile")
     assert int(pidfile.read_text()) == server.proc.pid
+
+
+def test_usr1_reopens_the_access_log(serve, tmp_path):
+    access_log = tmp_path / "access.log"
+    server = serve("hello", "--access-logfile", str(access_log))
+    assert server.request("GET", "/before")[0] == 200
+    wait_until(lambda: access_log.exists() and "/before" in access_log.read_text(), what="a log line")
+    rotated = access_log.rename(tmp_path / "access.log.1")
+    server.send_signal(signal.SIGUSR1)
+    wait_until(lambda: access_log.exists(), what="a reopened access log")
+    assert server.request("GET", "/after")[0] == 200
+    wait_until(lambda: "/after" in access_log.read_text(), what="a line in the new log")
+    assert "/after" not in rotated.read_text()
