@@ -265,6 +265,9 @@ class GuestHandler:
         self.on_request = on_request
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
+        # gunicorn gives the access logger handlers only for --access-logfile; without one a
+        # log record per request would be built just to be dropped.
+        self._log_access = access_log.hasHandlers()
 
     def __call__(self, conn: Connection, request: h11.Request) -> None:
         request_id = f"{self._prefix}-{next(self._ids)}"
@@ -281,10 +284,11 @@ class GuestHandler:
                 self.metrics.in_flight.dec()
                 self.metrics.requests.labels(str(writer.status or 0)).inc()
                 self.metrics.duration.observe(elapsed)
-            access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(conn),
-                            request.method.decode(), request.target.decode(errors="replace"),
-                            request.http_version.decode(), writer.status or "-",
-                            elapsed * 1000, request_id)
+            if self._log_access:
+                access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(conn),
+                                request.method.decode(), request.target.decode(errors="replace"),
+                                request.http_version.decode(), writer.status or "-",
+                                elapsed * 1000, request_id)
             if self.on_request is not None:
                 self.on_request()
 
