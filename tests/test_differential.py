@@ -12,7 +12,7 @@ import http.client
 
 import pytest
 
-from conftest import guest, running, wasisup_argv, wasmtime_serve_argv
+from conftest import closed_port, guest, running, wasisup_argv, wasmtime_serve_argv
 
 IGNORED = {"date"}
 
@@ -52,14 +52,17 @@ def replies(argv_for_port, requests, tmp) -> list[tuple]:
 
 
 def outbound_requests(upstream: str, closed: str) -> list[tuple]:
+    """Through the outbound guest: answers, a refused connection, and a TLS handshake with a
+    server that speaks plain HTTP (the error-code each host reports must be the same)."""
+    plain_as_tls = upstream.replace("http://", "https://", 1)
     return [("GET", f"/?url={upstream}/path%3Fq%3D1", None, {}),
             ("GET", f"/?url={upstream}/bytes%3Fsize%3D70000", None, {}),
-            ("GET", f"/?url={closed}/nothing-here", None, {})]
+            ("GET", f"/?url={closed}/nothing-here", None, {}),
+            ("GET", f"/?url={plain_as_tls}/tls", None, {})]
 
 
 @pytest.mark.parametrize("name", [*CASES, "outbound"])
 def test_same_answers_as_wasmtime_serve(name, tmp_path, upstream):
-    from conftest import closed_port
     requests = CASES.get(name) or outbound_requests(upstream, f"http://127.0.0.1:{closed_port()}")
     component = guest(name)
     ours = replies(lambda port: wasisup_argv(component, port=port), requests, tmp_path)
