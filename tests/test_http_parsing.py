@@ -74,3 +74,12 @@ def test_server_still_serves_after_bad_requests(echo):
     for raw in BAD_REQUESTS.values():
         raw_exchange(echo.port, raw)
     assert echo.request("GET", "/alive")[0] == 200
+
+
+def test_bare_lf_in_a_pipelined_request_gets_400(echo):
+    # The second request reaches the server in the same packet as the first: its head is
+    # already buffered when it is parsed, and must be checked all the same.
+    reply = raw_exchange(echo.port, b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /second HTTP/1.1\nHost: x\n\n")
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 200 ") == 1
+    assert b"HTTP/1.1 400 " in reply and b"/second" not in reply

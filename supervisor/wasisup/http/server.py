@@ -77,7 +77,7 @@ class Connection:
             data = self.sock.recv(RECV_SIZE) if block else self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
-        except (ConnectionError, socket.timeout, OSError):
+        except OSError:  # reset, timeout: the client is gone
             data = b""
         self.h11.receive_data(data)
         return True
@@ -93,7 +93,9 @@ class Connection:
 
     def read_request(self) -> Optional[h11.Request]:
         """The next request, validated; None when the client closed between requests."""
-        received = bytearray()
+        # The head as h11 parses it: what it buffered already (a pipelined request) and
+        # what arrives now.
+        received = bytearray(self.h11.trailing_data[0])
         while True:
             try:
                 event = self.h11.next_event()
@@ -102,7 +104,7 @@ class Connection:
             if event is h11.NEED_DATA:
                 try:
                     data = self.sock.recv(RECV_SIZE)
-                except (ConnectionError, OSError):
+                except OSError:
                     data = b""
                 received += data
                 if len(received) > self.limits.request_line and b"\n" not in received:
@@ -115,7 +117,7 @@ class Connection:
             if not isinstance(event, h11.Request):
                 raise BadRequest(400, f"unexpected {type(event).__name__}")
             trailing = len(self.h11.trailing_data[0])
-            head = bytes(received[:len(received) - trailing]) if received else b""
+            head = bytes(received[:len(received) - trailing])
             self._check(event, head)
             return event
 
