@@ -63,19 +63,21 @@ class WasmWorker(Worker):
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)
             self.alive = False
-        if not self.alive and self.server is not None:
-            self.server.stop()
+        if not self.alive:  # also a stop that came before the server existed
+            self._retire()
 
     def _count_request(self) -> None:
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
-            self.alive = False
-            if self.server is not None:
-                self.server.stop()
+            self._retire()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """TERM: graceful stop."""
+        self._retire()
+
+    def _retire(self) -> None:
+        """Stop taking requests; the server finishes those in flight, then ``run`` returns."""
         self.alive = False
         if self.server is not None:
             self.server.stop()

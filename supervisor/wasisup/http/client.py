@@ -65,10 +65,10 @@ class OutboundClient:
         """wasi:http/outgoing-handler.handle: validate now, send on a client thread."""
         authority = request.authority()
         if not authority:
-            raise Err(("HTTP-request-URI-invalid"))
+            raise Err("HTTP-request-URI-invalid")
         scheme = scheme_wire(request.scheme() or "HTTPS")
         if scheme not in ("http", "https"):
-            raise Err(("HTTP-protocol-error"))
+            raise Err("HTTP-protocol-error")
         if not self.allowed(authority):
             raise Err("HTTP-request-denied")
         future = FutureIncomingResponse(waker)
@@ -148,7 +148,7 @@ def error_code(exc: BaseException, before_response: bool) -> Any:
     """The wasi:http error-code for a client failure."""
     if isinstance(exc, MaxRetryError) and exc.reason is not None:
         exc = exc.reason
-    if isinstance(exc, NameResolutionError) or isinstance(exc, socket.gaierror):
+    if isinstance(exc, (NameResolutionError, socket.gaierror)):
         return DNS_ERROR
     if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError)
         cause = exc.__context__ or exc.__cause__
@@ -157,9 +157,9 @@ def error_code(exc: BaseException, before_response: bool) -> Any:
         return "connection-refused"
     if isinstance(exc, ConnectTimeoutError):
         return "connection-timeout"
-    if isinstance(exc, ReadTimeoutError) or isinstance(exc, TimeoutError):
+    if isinstance(exc, (ReadTimeoutError, TimeoutError)):
         return "connection-read-timeout"
-    if isinstance(exc, SSLError) or isinstance(exc, ssl.SSLError):
+    if isinstance(exc, (SSLError, ssl.SSLError)):
         return "TLS-protocol-error"  # wasmtime reports certificate failures this way too
     if isinstance(exc, BodyAborted):
         return ("internal-error", str(exc))

@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import time
-from http import HTTPStatus
 from typing import Any, Callable, Optional
 
 import h11
@@ -21,7 +20,7 @@ from ..runtime import GuestTrap, Runtime
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import WRITE_BUDGET, IoError, StreamClosed, StreamFailed
-from .server import Connection, http_date
+from .server import Connection, http_date, reason_phrase
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -138,10 +137,10 @@ class ResponseWriter:
             return
         response: OutgoingResponse = outcome.value
         self.status = response.status
-        self.chunked = (self.conn.h11.their_http_version == b"1.1"
-                        and response.header_fields.first("content-length") is None)
+        has_length = response.header_fields.first("content-length") is not None
+        self.chunked = self.conn.h11.their_http_version == b"1.1" and not has_length
         headers = response.header_fields.pairs()
-        if response.outgoing_body is None and response.header_fields.first("content-length") is None:
+        if response.outgoing_body is None and not has_length:
             headers.append(("content-length", "0"))  # no body at all, as hyper says it
         if response.header_fields.first("date") is None:
             headers.append(("date", http_date()))
@@ -149,7 +148,7 @@ class ResponseWriter:
             headers.append(("connection", "close"))
         try:
             self.conn.send_response_head(h11.Response(status_code=response.status, headers=headers,
-                                                      reason=_reason(response.status)),
+                                                      reason=reason_phrase(response.status)),
                                          self.head_only)
         except h11.LocalProtocolError as exc:
             self.send_error(500, f"the guest's response is not valid HTTP: {exc}")
@@ -231,7 +230,7 @@ class ResponseWriter:
                 self.conn.must_close = True
                 headers.append(("connection", "close"))
             try:
-                self.conn.send(h11.Response(status_code=status, reason=_reason(status),
+                self.conn.send(h11.Response(status_code=status, reason=reason_phrase(status),
                                             headers=headers))
                 if not self.head_only:
                     self.conn.send(h11.Data(data=body))
@@ -241,13 +240,6 @@ class ResponseWriter:
                 self.state = "aborted"
         elif self.state == "streaming":
             self.abort()
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 def _describe(error_code: Any) -> str:

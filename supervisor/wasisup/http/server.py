@@ -223,10 +223,18 @@ class Connection:
 
 def _raw_error(status: int, body: bytes) -> bytes:
     """An error response written past h11, whose state machine may already be in ERROR."""
-    reason = HTTPStatus(status).phrase
+    reason = reason_phrase(status).decode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\ndate: {http_date()}\r\n\r\n"
             ).encode() + body
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for ``status`` (none for a code without one)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def http_date() -> str:
