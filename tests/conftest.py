@@ -30,14 +30,14 @@ def _load_builder():
     return module
 
 
-_builder = _load_builder()
+build_guest: Callable[[Path], Path] = _load_builder().build  # any guest directory, cached
 _built: dict[str, Path] = {}
 
 
 def guest(name: str) -> Path:
     """The built component of a test guest (``tests/guests/NAME``) or ``proxy`` (the reference)."""
     if name not in _built:
-        _built[name] = _builder.build(ROOT / "guest" / "proxy" if name == "proxy" else GUESTS / name)
+        _built[name] = build_guest(ROOT / "guest" / "proxy" if name == "proxy" else GUESTS / name)
     return _built[name]
 
 
@@ -110,6 +110,12 @@ class Server:
             return response.status, {k.lower(): v for k, v in response.getheaders()}, data
         finally:
             conn.close()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``wasisup ARGS`` to completion, its output captured (for commands that exit)."""
+    return subprocess.run([sys.executable, "-m", "wasisup", *args], capture_output=True, text=True,
+                          timeout=60)
 
 
 def wasisup_argv(component: Path, *args: str, port: int) -> list[str]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import subprocess
+import socket
 import sys
-from pathlib import Path
+import time
 
 import pytest
 
-from conftest import ROOT, Server, free_port, guest, raw_exchange, wasisup_argv
+from conftest import (
+    ROOT, Server, build_guest, free_port, guest, raw_exchange, run_cli, wasisup_argv,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,15 +175,10 @@ def test_javascript_guest(servers):
 
 def test_precompiled_cwasm_is_served(serve, tmp_path):
     cwasm = tmp_path / "hello.cwasm"
-    subprocess.run([sys.executable, "-m", "wasisup", "compile", str(guest("hello")), "-o", str(cwasm)],
-                   check=True)
+    compiled = run_cli("compile", str(guest("hello")), "-o", str(cwasm))
+    assert compiled.returncode == 0, compiled.stderr
     server = serve(cwasm)
     assert server.request("GET", "/")[2] == b"hello from wasm\n"
-
-
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wasisup", *args], capture_output=True, text=True,
-                          timeout=60)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -195,7 +192,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     args = [a.replace("{hello}", str(guest("hello"))) for a in args]
-    result = _run_cli(*args)
+    result = run_cli(*args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("wasisup: error:") and message in lines[0], lines
@@ -205,17 +202,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 def test_core_module_and_wrong_world_are_rejected(tmp_path):
     core = tmp_path / "core.wasm"
     core.write_bytes(b"\0asm\x01\0\0\0")
-    result = _run_cli(str(core))
+    result = run_cli(str(core))
     assert result.returncode == 2 and "core WebAssembly module, not a component" in result.stderr
-    result = _run_cli(str(_builder_build(ROOT / "bench" / "hostcall")))
+    result = run_cli(str(build_guest(ROOT / "bench" / "hostcall")))
     assert result.returncode == 2
     assert "wasisup:bench/host" in result.stderr or "incoming-handler" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _builder_build(path: Path) -> Path:
-    from conftest import _builder
-    return _builder.build(path)
 
 
 def test_outbound_first_byte_timeout_is_the_guests(serve, upstream):
@@ -226,10 +218,6 @@ def test_outbound_first_byte_timeout_is_the_guests(serve, upstream):
 
 
 def test_unix_socket_bind(tmp_path):
-    import socket
-    import time
-
-    from conftest import Server
     path = tmp_path / "wasisup.sock"
     server = Server([sys.executable, "-m", "wasisup", "-b", f"unix:{path}", str(guest("hello"))],
                     0, tmp_path)

@@ -7,8 +7,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, guest
+from conftest import free_port, guest, run_cli
 
 
 def children(pid: int) -> list[int]:
@@ -264,14 +262,12 @@ def test_config_file_and_env_args(serve, tmp_path, upstream):
     assert server.request("GET", "/cfg")[0] == 200
     bad = tmp_path / "bad.conf.py"
     bad.write_text("wokers = 3\n")
-    result = subprocess.run([sys.executable, "-m", "wasisup", "-c", str(bad), str(guest("hello"))],
-                            capture_output=True, text=True, timeout=60)
+    result = run_cli("-c", str(bad), str(guest("hello")))
     assert result.returncode == 2 and "unknown setting 'wokers'" in result.stderr
 
 
 def test_unbindable_address_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "wasisup", "-b", "no-such-host.invalid:80",
-                             str(guest("hello"))], capture_output=True, text=True, timeout=60)
+    result = run_cli("-b", "no-such-host.invalid:80", str(guest("hello")))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("wasisup: error: cannot bind")
 
