@@ -1,7 +1,8 @@
 """Differential test: every test guest, served by wasisup and by `wasmtime serve` (the oracle),
 gives the same status, headers and body for the same requests.
 
-Compared: the status; every header (names case-insensitively) except `date`; the body bytes.
+Compared: the status; every header (names case-insensitively) except `date` and `connection`;
+the body bytes.
 Framing headers (`content-length`, `transfer-encoding`) are compared too: a host must frame a
 response the same way — length when the guest declares one, chunked when it does not.
 """
@@ -14,7 +15,9 @@ import pytest
 
 from conftest import closed_port, guest, running, wasisup_argv, wasmtime_serve_argv
 
-IGNORED = {"date"}
+# hyper adds `connection: close` when a guest left the request body unread, or not, depending on
+# whether the body had arrived when the response went out: the oracle is not deterministic there.
+IGNORED = {"date", "connection"}
 
 CASES = {
     "hello": [("GET", "/", None, {}), ("HEAD", "/", None, {}), ("POST", "/x?y=1", b"body", {}),
