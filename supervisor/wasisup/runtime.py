@@ -78,7 +78,7 @@ class Guest:
         timeout = self.runtime.request_timeout
         if timeout:
             self.store.set_epoch_deadline(max(1, round(timeout / EPOCH_TICK)))
-            self.context.waker.deadline = time.monotonic_ns() + int(timeout * 1e9)
+            self.context.waiter.deadline = time.monotonic_ns() + int(timeout * 1e9)
         params = (ffi.wasmtime_component_val_t * 2)()
         for i, resource in enumerate((request, outparam)):
             abi.lower_resource(resource, ctypes.addressof(params[i]), self.context, self.ctx)
@@ -93,7 +93,7 @@ class Guest:
                 message = _trap_message(WasmtimeError._from_ptr(error))
                 raise GuestTrap(message, _trap_kind(message))
         finally:
-            self.context.waker.deadline = None
+            self.context.waiter.deadline = None
             self.context.end_request()
 
     def close(self) -> None:

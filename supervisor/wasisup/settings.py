@@ -18,7 +18,7 @@ GUNICORN_SETTINGS = (
     "config", "bind", "workers", "threads", "timeout", "graceful_timeout", "keepalive",
     "max_requests", "max_requests_jitter", "backlog", "pidfile", "loglevel", "accesslog",
     "errorlog", "limit_request_line", "limit_request_fields", "limit_request_field_size",
-    "proc_name",
+    "proc_name", "worker_connections",
 )
 
 
@@ -186,4 +186,47 @@ class MetricsBind(Setting):
     default = None
     desc = """\
         Where the master serves Prometheus metrics (/metrics); off when unset.
+        """
+
+
+class HeaderTimeout(Setting):
+    name = "header_timeout"
+    section = SECTION
+    cli = ["--header-timeout"]
+    meta = "SECONDS"
+    validator = validate_seconds
+    default = 20
+    desc = """\
+        Time a client has to send a whole request head, from its first byte (or from
+        connecting); past it the request gets a 408 and the connection is closed.
+
+        Heads are read by the worker's event loop, so a slow client holds a connection slot
+        (see --worker-connections), never a request thread.
+        """
+
+
+class MinDataRate(Setting):
+    name = "min_data_rate"
+    section = SECTION
+    cli = ["--min-data-rate"]
+    meta = "BYTES_PER_SECOND"
+    validator = validate_seconds
+    default = 240
+    desc = """\
+        The slowest a client may send a request body or read a response while the server
+        waits on it, after --data-rate-grace (0: no minimum). Slower clients get a 408 (body)
+        or are disconnected (response).
+        """
+
+
+class DataRateGrace(Setting):
+    name = "data_rate_grace"
+    section = SECTION
+    cli = ["--data-rate-grace"]
+    meta = "SECONDS"
+    validator = validate_seconds
+    default = 5
+    desc = """\
+        The window over which --min-data-rate is measured: a client must move
+        rate x grace bytes within every such window the server spends waiting on it.
         """

@@ -18,7 +18,8 @@ from setproctitle import setproctitle
 from . import metrics
 from .http.client import OutboundClient
 from .http.handler import GuestHandler
-from .http.server import Limits, Server
+from .http.connection import Limits
+from .http.server import Server
 from .runtime import Runtime
 
 
@@ -48,11 +49,15 @@ class WasmWorker(Worker):
                           metrics=stats)
         limits = Limits(request_line=cfg.limit_request_line, request_fields=cfg.limit_request_fields,
                         request_field_size=cfg.limit_request_field_size,
-                        request_body=cfg.limit_request_body, keep_alive=cfg.keepalive)
+                        request_body=cfg.limit_request_body, keep_alive=cfg.keepalive,
+                        header_timeout=cfg.header_timeout, min_data_rate=cfg.min_data_rate,
+                        data_rate_grace=cfg.data_rate_grace)
         handler = GuestHandler(runtime, limits.request_body, metrics=stats,
                                on_request=self._count_request)
         self.server = Server([s.sock for s in self.sockets], handler, threads=cfg.threads,
-                             limits=limits, on_tick=self._tick)
+                             limits=limits, worker_connections=cfg.worker_connections,
+                             on_tick=self._tick)
+        self.outbound = outbound
         self.log.info("Worker ready: %s, %d threads", self.app.component_name, cfg.threads)
         self.server.serve(graceful_timeout=cfg.graceful_timeout)
         runtime.close()
@@ -60,6 +65,7 @@ class WasmWorker(Worker):
 
     def _tick(self) -> None:
         self.notify()
+        self.outbound.pool.sweep()
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)
             self.alive = False

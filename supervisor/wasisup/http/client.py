@@ -1,56 +1,49 @@
-"""Outbound HTTP for guests (wasi:http/outgoing-handler): urllib3's keep-alive pools.
+"""Outbound HTTP for guests (wasi:http/outgoing-handler), on the guest's own thread.
 
-Each outgoing request runs on a client thread: it streams the guest's body from a pipe as the
-guest writes it, resolves the guest's future with the response head, then pumps the response
-body into another pipe the guest reads (bounded: a slow guest slows the upstream read).
-Failures become the wasi:http ``error-code`` the guest would get from wasmtime.
+``OutboundClient.send`` checks a guest's request and starts an ``Exchange``: one HTTP/1.1
+request/response over a pooled (or new) non-blocking upstream connection. An exchange has no
+thread of its own: it advances whenever the guest looks at it (polls the response future,
+writes the request body, reads the response body) or is about to sleep, and it tells the
+guest's ``poll`` which socket and deadline to sleep on. h11 frames the request and parses the
+response head and chunked bodies; a body with a content-length is read straight from the
+socket, so a splice moves it in large pieces. A connection whose exchange ended cleanly goes
+back to the pool. Failures become the wasi:http ``error-code`` wasmtime would give the guest.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import socket
-import ssl
-import threading
-from typing import Any, Iterator, Optional
+import time
+from typing import Any, Optional
 
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError,
-    ReadTimeoutError, SSLError,
-)
-from urllib3.util import SKIP_HEADER
+import h11
 
 from ..wasi.abi import Err
 from ..wasi.http import (
-    FutureIncomingResponse, Fields, IncomingResponse, OutgoingRequest, RequestOptions,
+    Fields, FutureIncomingResponse, IncomingResponse, OutgoingRequest, RequestOptions,
     attach_body, method_wire, scheme_wire,
 )
-from ..wasi.io import InboundPipe, IoError, OutboundPipe, Waker
+from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed, Waiter
+from .pool import ConnectFailed, Origin, Pool, UpstreamConnection
 
 log = logging.getLogger("wasisup.outbound")
 
 DEFAULT_TIMEOUT_NS = 600 * 10**9  # wasmtime's default for every request-options timeout
-READ_SIZE = 64 * 1024
-DNS_ERROR = ("DNS-error", {"rcode": "address not available", "info-code": None})
-
-
-class BodyAborted(Exception):
-    """The guest dropped the request body without finishing it."""
-
-
-def _seconds(ns: Optional[int]) -> float:
-    return (ns if ns is not None else DEFAULT_TIMEOUT_NS) / 1e9
+RECV_SIZE = 256 * 1024
+# Request body the exchange holds before the guest must wait for the upstream to take it.
+SEND_BUFFER = 256 * 1024
+# A request whose framed bytes fit in this much is kept until the response starts, so it can
+# be replayed once on a new connection if a pooled one turns out to be closed.
+REPLAY_LIMIT = 64 * 1024
 
 
 class OutboundClient:
     """Sends guest requests; ``allow`` (host patterns, ``*`` wildcards) limits where to."""
 
-    def __init__(self, allow: tuple[str, ...] = (), max_connections: int = 64) -> None:
+    def __init__(self, allow: tuple[str, ...] = (), pool: Optional[Pool] = None) -> None:
         self.allow = tuple(pattern.lower() for pattern in allow)
-        self.pool = urllib3.PoolManager(num_pools=64, maxsize=max_connections, block=False,
-                                        retries=False)
+        self.pool = pool or Pool()
 
     def allowed(self, authority: str) -> bool:
         if not self.allow:
@@ -61,8 +54,8 @@ class OutboundClient:
                    for pattern in self.allow for candidate in (host, host_only))
 
     def send(self, request: OutgoingRequest, options: RequestOptions,
-             waker: Waker) -> FutureIncomingResponse:
-        """wasi:http/outgoing-handler.handle: validate now, send on a client thread."""
+             waiter: Waiter) -> FutureIncomingResponse:
+        """wasi:http/outgoing-handler.handle: check the request now, then start the exchange."""
         authority = request.authority()
         if not authority:
             raise Err("HTTP-request-URI-invalid")
@@ -71,98 +64,488 @@ class OutboundClient:
             raise Err("HTTP-protocol-error")
         if not self.allowed(authority):
             raise Err("HTTP-request-denied")
-        future = FutureIncomingResponse(waker)
-        pipe: Optional[OutboundPipe] = None
-        if request.outgoing_body is not None:  # a guest that never asked for a body sends none
-            pipe = OutboundPipe(waker)
-            attach_body(request.outgoing_body, pipe)
-        url = f"{scheme}://{authority}{request.path_with_query() or '/'}"
-        # A daemon thread per exchange: a fast stop (INT/QUIT) must not wait for upstreams.
-        threading.Thread(target=self._exchange, name="wasisup-out", daemon=True,
-                         args=(method_wire(request.method()), url, request.header_fields.pairs(),
-                               pipe, options, future)).start()
-        return future
-
-    def _exchange(self, method: str, url: str, headers: list[tuple[str, bytes]],
-                  body: Optional[OutboundPipe], options: RequestOptions,
-                  future: FutureIncomingResponse) -> None:
-        sent_headers: dict[str, Any] = {"user-agent": SKIP_HEADER, "accept-encoding": SKIP_HEADER}
-        for name, value in headers:
-            text = value.decode("latin-1")
-            sent_headers[name] = f"{sent_headers[name]}, {text}" if isinstance(
-                sent_headers.get(name), str) else text
-        timeout = urllib3.Timeout(connect=_seconds(options.connect),
-                                  read=_seconds(options.first_byte))
-        try:
-            response = self.pool.urlopen(
-                method, url, body=_chunks(body) if body else None, headers=sent_headers, redirect=False,
-                retries=False, preload_content=False, decode_content=False, timeout=timeout,
-                assert_same_host=False)
-        except Exception as exc:  # every failure is the guest's error-code, none is ours
-            if body is not None:
-                body.abandon()
-            future.resolve(Err(error_code(exc, before_response=True)))
-            return
-        sock = getattr(response.connection, "sock", None)
-        if sock is not None:
-            sock.settimeout(_seconds(options.between_bytes))
-        pipe = InboundPipe(future.waker)
-        fields = Fields.from_pairs([(k.encode("latin-1"), v.encode("latin-1"))
-                                    for k, v in response.headers.items()])
-        future.resolve(IncomingResponse(response.status, fields, pipe, future.waker))
-        self._pump(response, pipe)
-
-    @staticmethod
-    def _pump(response: Any, pipe: InboundPipe) -> None:
-        try:
-            while True:
-                chunk = response.read1(READ_SIZE)
-                if not chunk:
-                    break
-                if not pipe.put(chunk):  # the guest dropped the body
-                    response.close()
-                    return
-        except Exception as exc:
-            response.close()
-            code = error_code(exc, before_response=False)
-            pipe.finish(IoError(f"reading the upstream response failed: {exc}", code))
-            return
-        response.release_conn()
-        pipe.finish()
+        host, colon, port = authority.rpartition(":")
+        if not colon or not port.isdigit() or host.count(":") and not host.endswith("]"):
+            host, port = authority, ""
+        origin = Origin(scheme, host.strip("[]"),
+                        int(port) if port else (443 if scheme == "https" else 80))
+        exchange = Exchange(self.pool, origin, request, options, waiter)
+        return FutureIncomingResponse(exchange.head, waiter)
 
     def close(self) -> None:
-        self.pool.clear()
+        self.pool.close()
 
 
-def _chunks(body: OutboundPipe) -> Iterator[bytes]:
-    while True:
-        chunk = body.take()
-        if chunk is None:
-            if body.aborted:
-                raise BodyAborted("the guest dropped the request body without finishing it")
+def _ns(value: Optional[int]) -> int:
+    return value if value is not None else DEFAULT_TIMEOUT_NS
+
+
+class Exchange:
+    """One outbound request and its response, advanced by whoever looks at it.
+
+    The guest sees it through three views: ``head`` (its future's source), ``request_body``
+    (the transport of the request's outgoing-body) and ``response_body`` (the source of the
+    response's incoming-body).
+    """
+
+    def __init__(self, pool: Pool, origin: Origin, request: OutgoingRequest,
+                 options: RequestOptions, waiter: Waiter) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.waiter = waiter
+        self.method = method_wire(request.method())
+        self._target = request.path_with_query() or "/"
+        self._headers = request.header_fields.pairs()
+        self._connect_ns = _ns(options.connect)
+        self._first_byte_ns = _ns(options.first_byte)
+        self._between_bytes_ns = _ns(options.between_bytes)
+        self._started = time.monotonic_ns()
+        self.conn: Optional[UpstreamConnection] = None
+        self._connected_at = 0
+        self._h11 = h11.Connection(h11.CLIENT)
+        self.error: Any = None  # the error-code the exchange failed with
+        # the request
+        self._head_sent = False
+        self._held = bytearray()  # body written before the head went out
+        self._chunked = False
+        self._out = bytearray()  # framed, not yet sent
+        self._replay: Optional[bytearray] = bytearray()  # all framed bytes, while replayable
+        self.body_state = "none"  # the guest's body: -> "open" -> "finished" | "aborted"
+        self._body_length = 0
+        self._trailers: Optional[Fields] = None
+        # the response
+        self.response: Optional[IncomingResponse] = None
+        self._received_any = False
+        self._keep_alive = False
+        self._raw_left: Optional[int] = None  # bytes of a content-length body still to read
+        self.buffer = bytearray()
+        self.eof = False
+        self.body_error: Optional[IoError] = None
+        self.response_trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._last_progress = 0
+
+        self.head = ResponseHead(self)
+        self.request_body = RequestBody(self)
+        self.response_body = ResponseBody(self)
+        try:
+            self.conn = pool.connect(origin)
+        except ConnectFailed as exc:
+            self.fail(exc.code, str(exc))
             return
-        yield chunk
+        if self.conn.open:
+            self._connected_at = self._started
+        if request.outgoing_body is not None:
+            self.body_state = "open"
+            attach_body(request.outgoing_body, self.request_body)
+        waiter.before_sleep.append(self.flush)
+
+    # -- the request, framed by h11
+    def _frame(self, event: Any) -> None:
+        data = self._h11.send(event)
+        if data:
+            self._out += data
+            if self._replay is not None:
+                if len(self._replay) + len(data) <= REPLAY_LIMIT:
+                    self._replay += data
+                else:
+                    self._replay = None
+
+    def _frame_head(self) -> None:
+        """The head, once the body is known or big enough: a finished body goes with a
+        content-length (none when empty), one still being written is chunked."""
+        self._head_sent = True
+        headers = [("host", self.origin.host_header), *self._headers]
+        declared = any(name == "content-length" for name, _ in self._headers)
+        if self.body_state in ("open", "aborted") and not declared:
+            headers.append(("transfer-encoding", "chunked"))
+            self._chunked = True
+        elif self.body_state == "finished" and not declared and self._body_length:
+            headers.append(("content-length", str(self._body_length)))
+        self._frame(h11.Request(method=self.method, target=self._target, headers=headers))
+        held, self._held = self._held, bytearray()
+        if held:
+            self._frame(h11.Data(data=bytes(held)))
+        if self.body_state in ("none", "finished"):
+            self._frame_end()
+
+    def _frame_end(self) -> None:
+        trailers = self._trailers.pairs() if self._trailers is not None and self._chunked else []
+        self._frame(h11.EndOfMessage(headers=trailers))
+
+    def write_body(self, data: bytes | memoryview) -> None:
+        self._body_length += len(data)
+        if self._head_sent:
+            self._frame(h11.Data(data=bytes(data)))
+        else:
+            self._held += data
+        self.advance(send_head=len(self._held) >= SEND_BUFFER)
+
+    def finish_body(self, trailers: Optional[Fields]) -> None:
+        self.body_state, self._trailers = "finished", trailers
+        if self._head_sent:
+            self._frame_end()
+        self.advance(send_head=True)
+
+    def abort_body(self) -> None:
+        """The guest dropped the body unfinished: the request must fail, not end short."""
+        self.body_state = "aborted"
+        if self.response is None:
+            self.fail(("internal-error", "the guest dropped the request body without finishing it"))
+        else:
+            self.discard()
+
+    def unsent(self) -> int:
+        return len(self._out) + len(self._held)
+
+    # -- progress
+    def flush(self) -> None:
+        """The guest is about to sleep: put the request on the wire as far as it goes."""
+        self.advance(send_head=True)
+
+    def advance(self, send_head: bool = True) -> None:
+        """Do whatever I/O is possible now, without blocking; fail on a passed deadline."""
+        if self.error is not None or self.conn is None:
+            return
+        try:
+            if not self._connected_at:
+                if not self.conn.establish():
+                    if time.monotonic_ns() - self._started > self._connect_ns:
+                        self.fail("connection-timeout")
+                    return
+                self._connected_at = time.monotonic_ns()
+            if not self._head_sent and (send_head or self.body_state != "open"):
+                self._frame_head()
+            while self._out:
+                sent = self.conn.send(memoryview(self._out))
+                if not sent:
+                    break
+                del self._out[:sent]
+            if self.response is None and self._head_sent:
+                self._receive_head()
+        except ConnectFailed as exc:
+            self.fail(exc.code, str(exc))
+        except OSError as exc:
+            self._broken(exc)
+        if self._h11.our_state is h11.DONE and not self._out or self.error is not None:
+            self._stop_flushing()
+
+    def _receive_head(self) -> None:
+        while self.response is None and self.error is None:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.fail("HTTP-protocol-error", str(exc))
+                return
+            if event is h11.NEED_DATA:
+                if not self._receive():
+                    if time.monotonic_ns() - self._connected_at > self._first_byte_ns:
+                        self.fail("connection-read-timeout")
+                    return
+            elif isinstance(event, h11.InformationalResponse):
+                continue
+            elif isinstance(event, h11.Response):
+                self._start_response(event)
+            else:  # the upstream closed the connection without answering
+                self.fail("connection-terminated")
+
+    def _receive(self) -> bool:
+        """Feed h11 what the socket has now; False if nothing was there."""
+        data = self.conn.recv(RECV_SIZE)
+        if data is None:
+            return False
+        if not data and not self._received_any and self._may_replay():
+            self._replay_on_new_connection()
+            return False
+        self._received_any = True
+        self._h11.receive_data(data)
+        return True
+
+    def _start_response(self, head: h11.Response) -> None:
+        self._replay = None
+        fields = Fields.from_pairs(list(head.headers))
+        length = fields.first("content-length")
+        if self.method == "HEAD" or head.status_code in (204, 304):
+            self.eof = True
+        elif length is not None and fields.first("transfer-encoding") is None:
+            leftover = self._h11.trailing_data[0]
+            self._raw_left = int(length) - len(leftover)
+            if self._raw_left < 0:  # more bytes than the response declared
+                self.fail("HTTP-protocol-error")
+                return
+            self.buffer += leftover
+            self.eof = self._raw_left == 0
+        connection = (fields.first("connection") or b"").lower()
+        self._keep_alive = head.http_version == b"1.1" and b"close" not in connection
+        self._last_progress = time.monotonic_ns()
+        self.response = IncomingResponse(head.status_code, fields, self.response_body, self.waiter)
+        self.release_if_done()
+
+    # -- the response body
+    def take(self, size: int) -> bytes:
+        """Up to ``size`` body bytes available now (b"" if none yet)."""
+        if not self.buffer:
+            self._fill()
+        chunk = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        if chunk:
+            self._last_progress = time.monotonic_ns()
+            self.release_if_done()
+        return chunk
+
+    def take_into(self, view: memoryview) -> int:
+        """Like ``take``, straight into ``view`` when the body comes raw from the socket."""
+        if self.buffer or not self._raw_left:
+            chunk = self.take(len(view))
+            view[:len(chunk)] = chunk
+            return len(chunk)
+        count = self._recv_raw(view[:self._raw_left])
+        if count:
+            self._last_progress = time.monotonic_ns()
+            self.release_if_done()
+        return count
+
+    def _recv_raw(self, view: memoryview) -> int:
+        try:
+            count = self.conn.recv_into(view)
+        except OSError as exc:
+            self._body_failed(f"reading the upstream response failed: {exc}")
+            return 0
+        if count is None:
+            self._check_between_bytes()
+            return 0
+        if count == 0:
+            self._body_failed("the upstream closed the connection before the body ended")
+            return 0
+        self._raw_left -= count
+        self.eof = self._raw_left == 0
+        return count
+
+    def _fill(self) -> None:
+        """Move what the socket has into the body buffer."""
+        if self.eof or self.body_error is not None or self.conn is None:
+            return
+        if self._raw_left is not None:
+            data = self.conn.recv(min(RECV_SIZE, self._raw_left)) if self._raw_left else b""
+            if data is None:
+                self._check_between_bytes()
+            elif not data:
+                self._body_failed("the upstream closed the connection before the body ended")
+            else:
+                self._raw_left -= len(data)
+                self.eof = self._raw_left == 0
+                self.buffer += data
+            return
+        try:
+            while not self.buffer and not self.eof and self.body_error is None:
+                event = self._h11.next_event()
+                if event is h11.NEED_DATA:
+                    if not self._receive():
+                        self._check_between_bytes()
+                        return
+                elif isinstance(event, h11.Data):
+                    self.buffer += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    self.eof = True
+                    self.response_trailers = list(event.headers) or None
+                else:
+                    self._body_failed("the upstream closed the connection before the body ended")
+        except h11.RemoteProtocolError as exc:
+            self._body_failed(f"the upstream's response body is malformed: {exc}")
+        except OSError as exc:
+            self._body_failed(f"reading the upstream response failed: {exc}")
+
+    def body_available(self) -> bool:
+        if not self.buffer:
+            self._fill()
+        return bool(self.buffer) or self.eof or self.body_error is not None
+
+    def _check_between_bytes(self) -> None:
+        if time.monotonic_ns() - self._last_progress > self._between_bytes_ns:
+            self.body_error = IoError("no bytes from the upstream within the between-bytes timeout",
+                                      "connection-read-timeout")
+            self.discard()
+
+    def _body_failed(self, message: str) -> None:
+        self.body_error = IoError(message, "HTTP-response-incomplete")
+        self.discard()
+
+    # -- what the guest's poll sleeps on
+    def interest(self) -> Optional[Interest]:
+        if self.conn is None or self.error is not None:
+            return None
+        if not self._connected_at:
+            return self.conn.fileno(), self.conn.wants()
+        events = WRITABLE if self._out else 0
+        if self.response is None or not self.eof:
+            events |= READABLE
+        return self.conn.fileno(), events
+
+    @property
+    def deadline(self) -> Optional[int]:
+        if self.conn is None or self.error is not None:
+            return None
+        if not self._connected_at:
+            return self._started + self._connect_ns
+        if self.response is None:
+            return self._connected_at + self._first_byte_ns
+        return self._last_progress + self._between_bytes_ns
+
+    # -- endings
+    def _may_replay(self) -> bool:
+        """A pooled connection the upstream had closed: nothing was answered, and every byte
+        of the request is still at hand."""
+        return (self.conn is not None and self.conn.reused and self._replay is not None
+                and self.body_state in ("none", "finished") and not self._received_any)
+
+    def _replay_on_new_connection(self) -> None:
+        replay = bytes(self._replay)
+        self.discard()
+        self._started = time.monotonic_ns()
+        self._connected_at = 0
+        try:
+            self.conn = self.pool.connect_new(self.origin)
+        except ConnectFailed as exc:
+            self.fail(exc.code, str(exc))
+            return
+        if self.conn.open:
+            self._connected_at = self._started
+        self._out = bytearray(replay)
+
+    def _broken(self, exc: OSError) -> None:
+        if self._may_replay():
+            self._replay_on_new_connection()
+            return
+        self.fail("connection-terminated" if self.response is None else "HTTP-response-incomplete",
+                  str(exc))
+
+    def fail(self, code: Any, detail: str = "") -> None:
+        if self.error is None and self.response is None:
+            log.debug("outbound %s %s failed: %s %s", self.method, self.origin, code, detail)
+            self.error = code
+        elif self.response is not None and self.body_error is None and not self.eof:
+            self.body_error = IoError(f"the upstream exchange failed: {detail or code}", code)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close the connection (it is not reusable) and stop working on this exchange."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self._stop_flushing()
+
+    def _stop_flushing(self) -> None:
+        try:
+            self.waiter.before_sleep.remove(self.flush)
+        except ValueError:
+            pass
+
+    def release_if_done(self) -> None:
+        """Return the connection to the pool once both messages are complete and consumed."""
+        if (self.conn is not None and self.eof and not self.buffer and self._keep_alive
+                and self._h11.our_state is h11.DONE and not self._out
+                and (self._raw_left == 0 or self._h11.their_state is h11.DONE)):
+            conn, self.conn = self.conn, None
+            self.pool.release(conn)
+            self._stop_flushing()
 
 
-def error_code(exc: BaseException, before_response: bool) -> Any:
-    """The wasi:http error-code for a client failure."""
-    if isinstance(exc, MaxRetryError) and exc.reason is not None:
-        exc = exc.reason
-    if isinstance(exc, (NameResolutionError, socket.gaierror)):
-        return DNS_ERROR
-    if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError)
-        cause = exc.__context__ or exc.__cause__
-        if isinstance(cause, socket.gaierror):
-            return DNS_ERROR
-        return "connection-refused"
-    if isinstance(exc, ConnectTimeoutError):
-        return "connection-timeout"
-    if isinstance(exc, (ReadTimeoutError, TimeoutError)):
-        return "connection-read-timeout"
-    if isinstance(exc, (SSLError, ssl.SSLError)):
-        return "TLS-protocol-error"  # wasmtime reports certificate failures this way too
-    if isinstance(exc, BodyAborted):
-        return ("internal-error", str(exc))
-    if isinstance(exc, ProtocolError):
-        return "connection-terminated" if before_response else "HTTP-response-incomplete"
-    return ("internal-error", str(exc) or type(exc).__name__)
+class ResponseHead:
+    """The future's source: ready once the response head arrived or the exchange failed."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def ready(self) -> bool:
+        self.exchange.advance()
+        return self.exchange.response is not None or self.exchange.error is not None
+
+    def interest(self) -> Optional[Interest]:
+        return self.exchange.interest()
+
+    @property
+    def deadline(self) -> Optional[int]:
+        return self.exchange.deadline
+
+    def outcome(self) -> Any:
+        exchange = self.exchange
+        return exchange.response if exchange.response is not None else Err(exchange.error)
+
+    def cancel(self) -> None:
+        self.exchange.discard()
+
+
+class RequestBody:
+    """The transport of the request's outgoing-body."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def ready(self) -> bool:
+        return self.exchange.error is not None or self.capacity(1) > 0
+
+    def capacity(self, limit: int) -> int:
+        exchange = self.exchange
+        if exchange.error is not None:
+            raise StreamFailed(IoError(f"the request failed: {exchange.error}", exchange.error))
+        if exchange.unsent() >= SEND_BUFFER:
+            exchange.advance()
+        return max(0, min(limit, SEND_BUFFER - exchange.unsent()))
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.exchange.write_body(data)
+
+    def finish(self, trailers: Optional[Fields]) -> None:
+        self.exchange.finish_body(trailers)
+
+    def abort(self) -> None:
+        self.exchange.abort_body()
+
+    def interest(self) -> Optional[Interest]:
+        return self.exchange.interest()
+
+    @property
+    def deadline(self) -> Optional[int]:
+        return self.exchange.deadline
+
+
+class ResponseBody:
+    """The source of the response's incoming-body."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def ready(self) -> bool:
+        return self.exchange.body_available()
+
+    def read(self, size: int) -> bytes:
+        chunk = self.exchange.take(size)
+        return chunk or self._end_or_nothing()
+
+    def read_into(self, view: memoryview) -> int:
+        count = self.exchange.take_into(view)
+        return count or len(self._end_or_nothing())
+
+    def _end_or_nothing(self) -> bytes:
+        exchange = self.exchange
+        if exchange.body_error is not None:
+            raise StreamFailed(exchange.body_error)
+        if exchange.eof and not exchange.buffer:
+            raise StreamClosed()
+        return b""
+
+    def trailers(self) -> Optional[list[tuple[bytes, bytes]]]:
+        return self.exchange.response_trailers
+
+    def close(self) -> None:
+        """The guest dropped the body: a connection with unread bytes cannot be reused."""
+        exchange = self.exchange
+        if exchange.eof and not exchange.buffer:
+            exchange.release_if_done()
+        exchange.discard()
+
+    def interest(self) -> Optional[Interest]:
+        return self.exchange.interest()
+
+    @property
+    def deadline(self) -> Optional[int]:
+        return self.exchange.deadline

@@ -19,8 +19,8 @@ import h11
 from ..runtime import GuestTrap, Runtime
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
-from ..wasi.io import WRITE_BUDGET, IoError, StreamClosed, StreamFailed
-from .server import Connection, http_date, reason_phrase
+from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
+from .connection import Connection, http_date, reason_phrase
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -43,14 +43,14 @@ GUEST_FAILURE_PAGE = b"""<!doctype html>
 
 
 class ClientBody:
-    """The request body as a byte source for the guest, pulled from the connection on demand."""
+    """The request body as a byte source for the guest, read from the connection on demand
+    (so the guest gets back-pressure); a client too slow to send it is cut off."""
 
     def __init__(self, conn: Connection, limit: int) -> None:
         self.conn = conn
         self.limit = limit
         self.received = 0
-        self.too_large = False
-        self.malformed = False
+        self.fault: Optional[tuple[int, str]] = None  # what the client got wrong: (status, reason)
         self._chunks: list[bytes] = []
         self._done = conn.h11.their_state is not h11.SEND_BODY
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
@@ -60,21 +60,23 @@ class ClientBody:
         """Move whatever body bytes are available now into the buffer, without blocking."""
         conn = self.conn
         if conn.h11.they_are_waiting_for_100_continue:
-            conn.send(h11.InformationalResponse(status_code=100, headers=[]), flush=True)
+            conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            self._flush()
         while not (self._chunks or self._done or self._error):
             try:
-                event = conn.next_event(block=False)
+                event = conn.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                self.malformed = True
-                self._fail(f"malformed request body: {exc}", "HTTP-protocol-error")
+                self._fail(400, f"malformed request body: {exc}", "HTTP-protocol-error")
                 return
             if event is h11.NEED_DATA:
-                return
-            if isinstance(event, h11.Data):
+                if not conn.receive():
+                    self._check_rate()
+                    return
+            elif isinstance(event, h11.Data):
                 self.received += len(event.data)
+                conn.reading.moved(len(event.data), time.monotonic())
                 if self.limit and self.received > self.limit:
-                    self.too_large = True
-                    self._fail("request body exceeds the server's limit",
+                    self._fail(413, "request body too large",
                                ("HTTP-request-body-size", self.received))
                     return
                 self._chunks.append(bytes(event.data))
@@ -82,19 +84,38 @@ class ClientBody:
                 self._done = True
                 self._trailers = list(event.headers) or None
             else:  # ConnectionClosed: the client went away mid-body
-                self._fail("client closed the connection before the body ended",
-                           "HTTP-request-body-size")
+                self._fail(0, "", "HTTP-request-body-size",
+                           "client closed the connection before the body ended")
 
-    def _fail(self, message: str, code: Any) -> None:
+    def _check_rate(self) -> None:
+        deadline = self.conn.reading.deadline()
+        if deadline is not None and time.monotonic() > deadline:
+            self._fail(408, "the request body arrived too slowly", "HTTP-request-body-size")
+
+    def _flush(self) -> None:
+        try:
+            self.conn.flush()
+        except OSError:
+            self.conn.must_close = True
+
+    def _fail(self, status: int, reason: str, code: Any, message: str = "") -> None:
         self.conn.must_close = True
-        self._error = IoError(message, code)
+        if status:
+            self.fault = (status, reason)
+        self._error = IoError(message or reason, code)
 
     def ready(self) -> bool:
         self._pull()
         return bool(self._chunks) or self._done or self._error is not None
 
-    def wait_fd(self) -> tuple[int, bool]:
-        return self.conn.fileno(), False
+    def interest(self) -> Interest:
+        self.conn.reading.waiting(time.monotonic())
+        return self.conn.fd, READABLE
+
+    @property
+    def deadline(self) -> Optional[int]:
+        deadline = self.conn.reading.deadline()
+        return None if deadline is None else int(deadline * 1e9)
 
     def read(self, size: int) -> bytes:
         self._pull()
@@ -118,7 +139,11 @@ class ClientBody:
 
 
 class ResponseWriter:
-    """Writes the guest's response to the connection: the transport of its outgoing-body."""
+    """Writes the guest's response to the connection: the transport of its outgoing-body.
+
+    Writes never block: what the client has not taken waits in the connection's output, and
+    when that is full the guest waits (poll) for the client to read, at a minimum data rate.
+    """
 
     def __init__(self, conn: Connection, method: bytes) -> None:
         self.conn = conn
@@ -153,9 +178,6 @@ class ResponseWriter:
         except h11.LocalProtocolError as exc:
             self.send_error(500, f"the guest's response is not valid HTTP: {exc}")
             return
-        except OSError:
-            self.state = "aborted"
-            return
         self.state = "streaming"
         if response.status in _NO_BODY_STATUSES:
             self.head_only = True
@@ -166,14 +188,42 @@ class ResponseWriter:
 
     # -- Transport (for the guest's outgoing-body)
     def ready(self) -> bool:
+        if self.state != "streaming":
+            return True
+        self.flush()
+        return self.state != "streaming" or self.conn.room() > 0 or self._too_slow()
+
+    def interest(self) -> Optional[Interest]:
+        self.conn.writing.waiting(time.monotonic())
+        return self.conn.fd, WRITABLE
+
+    @property
+    def deadline(self) -> Optional[int]:
+        deadline = self.conn.writing.deadline()
+        return None if deadline is None else int(deadline * 1e9)
+
+    def _too_slow(self) -> bool:
+        deadline = self.conn.writing.deadline()
+        if deadline is None or time.monotonic() <= deadline:
+            return False
+        log.info("cutting off %s: it reads the response too slowly", _peer(self.conn))
+        self.abort()
+        self.conn.out.clear()
         return True
 
-    def capacity(self) -> int:
+    def capacity(self, limit: int) -> int:
         if self.state != "streaming":
             raise StreamClosed()
-        return WRITE_BUDGET
+        room = self.conn.room()
+        if not room:
+            self.flush()
+            room = self.conn.room()
+            if not room and self._too_slow():
+                raise StreamFailed(IoError("the client reads the response too slowly",
+                                           "connection-terminated"))
+        return min(limit, room)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.head_only or not data:
             return
         try:
@@ -188,8 +238,7 @@ class ResponseWriter:
             return
         send_trailers = trailers is not None and self.chunked and not self.head_only
         try:
-            self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []),
-                           flush=True)
+            self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []))
             self.state = "done"
         except (OSError, h11.LocalProtocolError):
             self.abort()
@@ -202,6 +251,8 @@ class ResponseWriter:
             self.abort()
 
     def abort(self) -> None:
+        """End the response short: the client gets what was written, then the connection
+        closes, so it sees an incomplete body."""
         if self.state in ("streaming", "pending"):
             self.state = "aborted"
             self.conn.must_close = True
@@ -234,7 +285,7 @@ class ResponseWriter:
                                             headers=headers))
                 if not self.head_only:
                     self.conn.send(h11.Data(data=body))
-                self.conn.send(h11.EndOfMessage(), flush=True)
+                self.conn.send(h11.EndOfMessage())
                 self.state = "done"
             except (OSError, h11.LocalProtocolError):
                 self.state = "aborted"
@@ -296,12 +347,13 @@ class GuestHandler:
                     authority=_header(request, b"host"),
                     headers=Fields.from_pairs(list(request.headers)),
                     body=body,
-                    waker=guest.context.waker)
-                guest.context.waker.before_sleep = writer.flush
+                    waiter=guest.context.waiter)
+                hooks = guest.context.waiter.before_sleep
+                hooks.append(writer.flush)
                 try:
                     guest.handle(incoming, ResponseOutparam(writer.deliver), request_id)
                 finally:
-                    guest.context.waker.before_sleep = None
+                    hooks.clear()
         except GuestTrap as trap:
             if self._client_at_fault(body, writer):
                 return
@@ -329,13 +381,11 @@ class GuestHandler:
 
     @staticmethod
     def _client_at_fault(body: ClientBody, writer: "ResponseWriter") -> bool:
-        """A body the client got wrong is answered 400/413, whatever the guest made of it."""
-        if body.malformed:
-            writer.send_error(400, "malformed request body")
-        elif body.too_large:
-            writer.send_error(413, "request body too large")
-        else:
+        """A body the client got wrong (or too slowly) is answered 400/408/413, whatever the
+        guest made of it."""
+        if body.fault is None:
             return False
+        writer.send_error(*body.fault)
         return True
 
     def _count_trap(self, kind: str) -> None:

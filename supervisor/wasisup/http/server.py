@@ -1,324 +1,135 @@
-"""The worker's HTTP/1.1 server: h11 per connection, a fixed set of request threads.
+"""The worker's HTTP/1.1 server: one event loop owns every socket that is not being served,
+a fixed set of request threads run the guest.
 
-Connections wait in a selector while idle (accepted, or kept alive between requests) and get a
-thread only when they have something to read, so idle keep-alive clients cost no thread. A
-thread reads one request, hands it to the handler (which runs the guest), and streams the
-response back.
+The loop (the worker's main thread) accepts connections — only while a request thread is free
+and the worker is under ``worker_connections``, so the rest wait in the shared backlog for a
+worker that can serve them — reads request heads into h11 until one is complete (within the
+header timeout), holds kept-alive connections between requests, finishes responses the client
+was slow to take, and closes politely. A request thread gets a connection with a complete head,
+runs the guest (which does its own I/O, see ``wasisup.wasi.io``), then hands the connection
+back by re-arming it in epoll, or serves the next request itself if the client already sent it.
+
+A graceful stop accepts what is already in the backlog, then closes the listeners; requests
+already on a connection or arriving on it are answered with ``Connection: close``; idle
+connections are closed after the keep-alive timeout; all of it bounded by the graceful timeout.
 """
 
 from __future__ import annotations
 
-import email.utils
 import errno
 import logging
-import re
+import os
+import queue
 import select
-import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Callable, Optional
 
 import h11
 
+from .connection import BadRequest, ClientGone, Connection, Limits
+
 log = logging.getLogger("wasisup.server")
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-RECV_SIZE = 64 * 1024
-# How long a thread that just answered waits for the same client's next request before
-# parking the connection: serving it on the same thread keeps the guest's caches warm.
-LINGER = 0.001
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what a client may send (gunicorn's names and defaults)."""
-
-    request_line: int = 4094
-    request_fields: int = 100
-    request_field_size: int = 8190
-    request_body: int = 0  # 0: unlimited
-    keep_alive: float = 2.0
-    read_timeout: float = 30.0
-
-
-class BadRequest(Exception):
-    """The client sent something we refuse; ``status`` says how."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-class Connection:
-    """One client connection: an h11 state machine over a blocking socket."""
-
-    def __init__(self, sock: socket.socket, peer: object, limits: Limits) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.limits = limits
-        max_head = limits.request_line + limits.request_fields * (limits.request_field_size + 2) + 4
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
-        self.idle_since = time.monotonic()
-        self.must_close = False
-        self.fresh = True  # no request read yet
-        self._pending = bytearray()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    # -- reading
-    def receive(self, block: bool = True) -> bool:
-        """Feed h11 from the socket; False if nothing was available (non-blocking) ."""
-        try:
-            data = self.sock.recv(RECV_SIZE) if block else self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:  # reset, timeout: the client is gone
-            data = b""
-        self.h11.receive_data(data)
-        return True
-
-    def next_event(self, block: bool = True) -> object:
-        """The next h11 event, reading from the socket as needed (h11.NEED_DATA if non-blocking)."""
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if not self.receive(block) and not block:
-                return h11.NEED_DATA
-
-    def read_request(self) -> Optional[h11.Request]:
-        """The next request, validated; None when the client closed between requests."""
-        # The head as h11 parses it: what it buffered already (a pipelined request) and
-        # what arrives now.
-        received = bytearray(self.h11.trailing_data[0])
-        while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise BadRequest(exc.error_status_hint, str(exc)) from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = self.sock.recv(RECV_SIZE)
-                except OSError:
-                    data = b""
-                received += data
-                if len(received) > self.limits.request_line and b"\n" not in received:
-                    raise BadRequest(414, "request line too long")
-                self.h11.receive_data(data)
-                continue
-            self.fresh = False
-            if isinstance(event, h11.ConnectionClosed):
-                return None
-            if not isinstance(event, h11.Request):
-                raise BadRequest(400, f"unexpected {type(event).__name__}")
-            trailing = len(self.h11.trailing_data[0])
-            head = bytes(received[:len(received) - trailing])
-            self._check(event, head)
-            return event
-
-    def _check(self, request: h11.Request, head: bytes) -> None:
-        if _BARE_LF.search(head):
-            raise BadRequest(400, "bare LF in the request head; lines end with CRLF")
-        line_length = len(request.method) + len(request.target) + 10
-        if line_length > self.limits.request_line:
-            raise BadRequest(414, "request line too long")
-        if len(request.headers) > self.limits.request_fields:
-            raise BadRequest(431, "too many header fields")
-        names = [name for name, _ in request.headers]
-        for name, value in request.headers:
-            if len(name) + len(value) + 2 > self.limits.request_field_size:
-                raise BadRequest(431, f"header field {name.decode()} too large")
-        if b"transfer-encoding" in names and b"content-length" in names:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if self.limits.request_body:
-            for name, value in request.headers:
-                if name == b"content-length" and int(value) > self.limits.request_body:
-                    raise BadRequest(413, "request body too large")
-
-    # -- writing: output is held until ``flush`` so a small response leaves in one packet
-    def send(self, event: object, flush: bool = False) -> None:
-        data = self.h11.send(event)
-        if data:
-            self._pending += data
-        if flush or len(self._pending) >= RECV_SIZE:
-            self.flush()
-
-    def send_response_head(self, response: h11.Response, head_only: bool) -> None:
-        """Like ``send``; for a HEAD request without a length, no framing header at all.
-
-        h11 announces the chunked framing a GET would have had; hyper (and so `wasmtime
-        serve`) announces none, and a HEAD response has no body to frame either way.
-        """
-        data = self.h11.send(response)
-        if head_only and data:
-            data = data.replace(b"\r\nTransfer-Encoding: chunked\r\n", b"\r\n", 1)
-        self._pending += data
-
-    def flush(self) -> None:
-        if self._pending:
-            data, self._pending = self._pending, bytearray()
-            self.sock.sendall(data)
-
-    def send_error(self, status: int, reason: str) -> None:
-        """A plain-text error response, then close: the request's framing can't be trusted."""
-        self.must_close = True
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE, h11.ERROR):
-            try:
-                self.sock.sendall(_raw_error(status, f"{reason}\n".encode()))
-            except OSError:
-                pass
-
-    def finish_cycle(self) -> bool:
-        """After a response: ready for the next request on this connection?"""
-        if self.must_close or self.h11.our_state is not h11.DONE:
-            return False
-        if self.h11.their_state is h11.SEND_BODY:
-            if not self._drain_request_body():
-                return False
-        if self.h11.their_state is not h11.DONE:
-            return False
-        try:
-            self.h11.start_next_cycle()
-        except h11.LocalProtocolError:
-            return False
-        self.idle_since = time.monotonic()
-        return True
-
-    def _drain_request_body(self, limit: int = 1024 * 1024) -> bool:
-        """Read and drop what the guest left of the request body, if small."""
-        drained = 0
-        while drained <= limit:
-            try:
-                event = self.next_event()
-            except h11.RemoteProtocolError:
-                return False
-            if isinstance(event, h11.Data):
-                drained += len(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return True
-            else:
-                return False
-        return False
-
-    def has_pipelined_request(self) -> bool:
-        return bool(self.h11.trailing_data[0])
-
-    def next_request_soon(self, linger: float) -> bool:
-        """Does the next request arrive within ``linger`` seconds (a busy keep-alive client)?"""
-        ready, _, _ = select.select([self.sock], [], [], linger)
-        return bool(ready)
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-def _raw_error(status: int, body: bytes) -> bytes:
-    """An error response written past h11, whose state machine may already be in ERROR."""
-    reason = reason_phrase(status).decode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\ndate: {http_date()}\r\n\r\n"
-            ).encode() + body
-
-
-def reason_phrase(status: int) -> bytes:
-    """The standard reason phrase for ``status`` (none for a code without one)."""
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def http_date() -> str:
-    return email.utils.formatdate(usegmt=True)
-
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+ONESHOT = select.EPOLLONESHOT
+SWEEP_INTERVAL = 0.25  # how often deadlines are checked (head, keep-alive, slow clients)
+LINGER_TIME = 2.0  # reading and dropping what a client still sends after we close
+TICK_INTERVAL = 1.0
 
 Handler = Callable[[Connection, h11.Request], None]
 
 
 class Server:
-    """Serves HTTP/1.1 on already-bound listening sockets until ``stop``.
-
-    Leader/followers: the request threads take turns watching the selector; the one that sees
-    a readable connection serves it itself (no hand-off to another thread) after passing the
-    watch on. The calling thread only ticks (``on_tick``: the worker's heartbeat).
-    """
+    """Serves HTTP/1.1 on already-bound listening sockets until ``stop``."""
 
     def __init__(self, listeners: list[socket.socket], handler: Handler, threads: int = 4,
-                 limits: Limits = Limits(), on_tick: Optional[Callable[[], None]] = None) -> None:
-        self.listeners = listeners
+                 limits: Limits = Limits(), worker_connections: int = 1000,
+                 on_tick: Optional[Callable[[], None]] = None) -> None:
+        self.listeners = {sock.fileno(): sock for sock in listeners}
         self.handler = handler
         self.threads = threads
         self.limits = limits
+        self.worker_connections = worker_connections
         self.on_tick = on_tick
-        self.selector = selectors.DefaultSelector()
-        self._ready: list[Connection] = []
-        self._watch = threading.Lock()  # held by the thread watching the selector
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._stopping = threading.Event()
-        self._last_sweep = time.monotonic()
-        self._in_flight = 0
-        self._count = threading.Lock()
+        self.connections: dict[int, Connection] = {}
+        self._epoll = select.epoll()
+        self._jobs: queue.SimpleQueue[Optional[Connection]] = queue.SimpleQueue()
+        self._busy = 0  # connections queued for or held by a request thread
+        self._busy_lock = threading.Lock()
+        self._accepting = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._drain_deadline = 0.0
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._busy
 
     def stop(self) -> None:
-        """Stop accepting; finish in-flight requests; close idle connections (thread-safe)."""
-        self._stopping.set()
+        """Stop accepting; answer what is on open connections; then return from ``serve``
+        (safe from a signal handler or another thread)."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
-            self._wake_w.send(b"x")
-        except OSError:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
             pass
 
+    # -- the loop
     def serve(self, graceful_timeout: float = 30.0) -> None:
-        for sock in self.listeners:
+        for sock in self.listeners.values():
             sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, "listener")
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        threads = [threading.Thread(target=self._follow, name=f"wasisup-req-{i}", daemon=True)
+        self._epoll.register(self._wake_r, IN)
+        self._set_accepting(True)
+        workers = [threading.Thread(target=self._work, name=f"wasisup-req-{i}", daemon=True)
                    for i in range(self.threads)]
-        for thread in threads:
+        for thread in workers:
             thread.start()
-        while not self._stopping.wait(1.0):
-            if self.on_tick is not None:
-                self.on_tick()
-        self._drain(threads, graceful_timeout)
+        next_sweep = next_tick = time.monotonic()
+        draining = False
+        while True:
+            if self._stopping and not draining:
+                draining = True
+                self._drain_deadline = time.monotonic() + graceful_timeout
+                self._start_drain()
+            if draining and (not self.connections and self._busy == 0
+                             or time.monotonic() > self._drain_deadline):
+                break
+            timeout = max(0.0, min(next_sweep, next_tick) - time.monotonic())
+            for fd, events in self._epoll.poll(timeout):
+                if fd in self.listeners:
+                    self._accept(self.listeners[fd])
+                elif fd == self._wake_r:
+                    self._drain_wakeups()
+                else:
+                    conn = self.connections.get(fd)
+                    if conn is not None:
+                        self._on_event(conn, events)
+            self._update_accepting()
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL
+                self._sweep(now)
+            if now >= next_tick:
+                next_tick = now + TICK_INTERVAL
+                if self.on_tick is not None:
+                    self.on_tick()
+        self._shutdown(workers)
 
-    def _follow(self) -> None:
-        while not self._stopping.is_set():
-            with self._watch:
-                conn = self._next_ready()
-            if conn is not None:
-                self._serve_connection(conn)
-
-    def _next_ready(self) -> Optional[Connection]:
-        """Watch the selector until a connection has a request (accepting as they come)."""
-        while not self._ready and not self._stopping.is_set():
-            for key, _ in self.selector.select(timeout=1.0):
-                if key.data == "listener":
-                    self._accept(key.fileobj)
-                elif key.data == "conn":
-                    self.selector.unregister(key.fileobj)
-                    self._ready.append(key.fileobj)
-            if time.monotonic() - self._last_sweep > 1.0:
-                self._close_idle(time.monotonic() - self.limits.keep_alive)
-        if self._ready and not self._stopping.is_set():
-            return self._ready.pop(0)
-        return None
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
 
     def _accept(self, listener: socket.socket) -> None:
-        while True:
+        """Accept while a request thread is free: the others stay in the shared backlog."""
+        while self._can_accept():
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -328,94 +139,226 @@ class Server:
                     log.error("accept failed: %s", exc)
                     return
                 raise
-            sock.setblocking(True)
-            sock.settimeout(self.limits.read_timeout)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.selector.register(Connection(sock, peer, self.limits), selectors.EVENT_READ, "conn")
+            conn = Connection(sock, peer, self.limits)
+            self.connections[conn.fd] = conn
+            self._epoll.register(conn.fd, IN | ONESHOT)
+            self._read_head(conn)  # the head often arrives with the connection
 
-    def _close_idle(self, cutoff: float) -> None:
-        self._last_sweep = time.monotonic()
-        for key in list(self.selector.get_map().values()):
-            conn = key.fileobj
-            if isinstance(conn, Connection) and conn.idle_since < cutoff:
-                self.selector.unregister(conn)
-                conn.close()
+    def _can_accept(self) -> bool:
+        return (not self._stopping and self._busy < self.threads
+                and len(self.connections) < self.worker_connections)
 
-    def _serve_connection(self, conn: Connection) -> None:
-        """Serve requests on ``conn`` while it has them ready, then park it or close it."""
-        with self._count:
-            self._in_flight += 1
-        keep = False
+    def _update_accepting(self) -> None:
+        if self._can_accept() != self._accepting:
+            self._set_accepting(not self._accepting)
+
+    def _set_accepting(self, accepting: bool) -> None:
+        for fd in self.listeners:
+            if accepting:
+                self._epoll.register(fd, IN)
+            else:
+                self._epoll.unregister(fd)
+        self._accepting = accepting
+
+    def _on_event(self, conn: Connection, events: int) -> None:
+        if conn.state == "head":
+            self._read_head(conn)
+        elif conn.state == "flush":
+            self._flush(conn)
+        elif conn.state == "linger":
+            self._linger(conn)
+
+    def _read_head(self, conn: Connection) -> None:
+        try:
+            request = conn.read_head()
+        except BadRequest as exc:
+            self._refuse(conn, exc.status, exc.reason)
+            return
+        except ClientGone:
+            self._close(conn)
+            return
+        if request is None:
+            self._arm(conn, IN)
+        else:
+            self._dispatch(conn, request)
+
+    def _dispatch(self, conn: Connection, request: h11.Request) -> None:
+        conn.state = "request"
+        conn.request = request
+        with self._busy_lock:
+            self._busy += 1
+        self._jobs.put(conn)
+
+    def _refuse(self, conn: Connection, status: int, reason: str) -> None:
+        conn.send_error(status, reason)
+        self._finish(conn, keep=False)
+
+    def _flush(self, conn: Connection) -> None:
+        try:
+            done = conn.flush()
+        except OSError:
+            self._close(conn)
+            return
+        if not done:
+            conn.writing.waiting(time.monotonic())
+            self._arm(conn, OUT)
+        elif conn.must_close or not conn.finish_cycle():
+            self._start_linger(conn)
+        else:
+            self._await_next(conn)
+
+    def _await_next(self, conn: Connection) -> None:
+        """Between requests: a pipelined head may already be here, else wait for one."""
+        conn.state = "head"
+        self._read_head(conn)
+
+    def _start_linger(self, conn: Connection) -> None:
+        """Close the sending side, then drop what the client still sends for a while: closing
+        with unread input would reset the connection and could destroy our last response."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.state = "linger"
+        conn.idle_since = time.monotonic()
+        self._linger(conn)
+
+    def _linger(self, conn: Connection) -> None:
         try:
             while True:
-                keep = self._serve_one(conn)
-                if not keep or self._stopping.is_set():
-                    break
-                if conn.has_pipelined_request():  # already read: no readiness event will come
-                    continue
-                # Stay on this connection only while another thread watches the others and
-                # none of them is waiting for a thread.
-                if self._watch.locked() and not self._ready and conn.next_request_soon(LINGER):
-                    continue
-                break
-        except Exception:
-            log.exception("connection from %s failed", conn.peer)
-            keep = False
-        finally:
-            with self._count:
-                self._in_flight -= 1
-        if keep and not self._stopping.is_set():
-            # epoll registration is safe from any thread; the watcher sees it on its next select.
-            self.selector.register(conn, selectors.EVENT_READ, "conn")
+                data = conn.sock.recv(65536)
+                if not data:
+                    self._close(conn)
+                    return
+        except (BlockingIOError, InterruptedError):
+            self._arm(conn, IN)
+        except OSError:
+            self._close(conn)
+
+    def _arm(self, conn: Connection, events: int) -> None:
+        try:
+            self._epoll.modify(conn.fd, events | ONESHOT)
+        except OSError:  # closed meanwhile
+            self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if self.connections.pop(conn.fd, None) is conn:
+            conn.close()
+            if not self._accepting and not self._stopping:
+                self._wake()
+
+    def _sweep(self, now: float) -> None:
+        """Enforce the deadlines of connections the loop holds."""
+        for conn in list(self.connections.values()):
+            state = conn.state
+            if state == "head":
+                if conn.head_started is not None:
+                    if now - conn.head_started > self.limits.header_timeout:
+                        if conn.partial_head:
+                            self._refuse(conn, 408, "the request head did not arrive in time")
+                        else:
+                            self._close(conn)
+                elif now - conn.idle_since > self.limits.keep_alive:
+                    self._close(conn)
+            elif state == "flush":
+                deadline = conn.writing.deadline()
+                if deadline is not None and now > deadline:
+                    self._close(conn)
+            elif state == "linger":
+                if now - conn.idle_since > LINGER_TIME:
+                    self._close(conn)
+
+    # -- request threads
+    def _work(self) -> None:
+        while True:
+            conn = self._jobs.get()
+            if conn is None:
+                return
+            try:
+                self._serve(conn)
+            except Exception:
+                log.exception("connection from %s failed", conn.peer)
+                self._close(conn)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+                    wake = not self._accepting or self._stopping
+                if wake:
+                    self._wake()
+
+    def _serve(self, conn: Connection) -> None:
+        """Serve the connection's request, and the next ones while the client has sent them."""
+        request = conn.request
+        while request is not None:
+            conn.request = None
+            if self._stopping:
+                conn.must_close = True
+            try:
+                self.handler(conn, request)
+            except BadRequest as exc:
+                conn.send_error(exc.status, exc.reason)
+            try:
+                done = conn.flush()
+            except OSError:
+                self._close(conn)
+                return
+            keep = not conn.must_close and done and conn.finish_cycle()
+            if not done:
+                self._finish(conn, keep=None)
+                return
+            if not keep:
+                self._finish(conn, keep=False)
+                return
+            try:
+                request = conn.read_head(receive=False)  # pipelined, already read
+            except BadRequest as exc:
+                conn.send_error(exc.status, exc.reason)
+                self._finish(conn, keep=False)
+                return
+        self._finish(conn, keep=True)
+
+    def _finish(self, conn: Connection, keep: Optional[bool]) -> None:
+        """Hand a connection to the loop: to finish sending (``keep`` None), to wait for the
+        next request (True) or to close (False)."""
+        if conn.out:
+            conn.state = "flush"
+            conn.writing.waiting(time.monotonic())
+            self._arm(conn, OUT)
+        elif keep:
+            conn.state = "head"
+            self._arm(conn, IN)
         else:
-            conn.close()
+            self._start_linger(conn)
 
-    def _serve_one(self, conn: Connection) -> bool:
-        try:
-            request = conn.read_request()
-        except BadRequest as exc:
-            conn.send_error(exc.status, exc.reason)
-            return False
-        if request is None:
-            return False
-        if self._stopping.is_set():
+    # -- stopping
+    def _start_drain(self) -> None:
+        """Take what is already in the backlog, then close the listeners."""
+        for listener in self.listeners.values():
+            while True:
+                try:
+                    sock, peer = listener.accept()
+                except OSError:
+                    break
+                conn = Connection(sock, peer, self.limits)
+                self.connections[conn.fd] = conn
+                self._epoll.register(conn.fd, IN | ONESHOT)
+        if self._accepting:
+            self._set_accepting(False)
+        for listener in self.listeners.values():
+            listener.close()
+        for conn in list(self.connections.values()):
             conn.must_close = True
-        try:
-            self.handler(conn, request)
-        except BadRequest as exc:
-            conn.send_error(exc.status, exc.reason)
-            return False
-        return conn.finish_cycle()
 
-    def _drain(self, threads: list[threading.Thread], graceful_timeout: float) -> None:
-        """Graceful stop: stop accepting, close idle kept-alive connections, answer requests
-        that have arrived (or are arriving on just-accepted connections), finish in-flight
-        ones."""
-        deadline = time.monotonic() + graceful_timeout
-        with self._watch:
-            ready, self._ready = self._ready, []
-            fresh = []
-            for key in list(self.selector.get_map().values()):
-                if key.data in ("listener", "conn"):
-                    self.selector.unregister(key.fileobj)
-                    if key.data == "conn" and key.fileobj.fresh:
-                        fresh.append(key.fileobj)
-                    else:
-                        key.fileobj.close()
-        # A client that just connected is about to send its request: give it a moment.
-        first_request_by = min(deadline, time.monotonic() + self.limits.keep_alive)
-        while fresh and time.monotonic() < first_request_by:
-            readable, _, _ = select.select(fresh, [], [], first_request_by - time.monotonic())
-            for conn in readable:
-                fresh.remove(conn)
-                ready.append(conn)
-        for conn in fresh:
-            conn.close()
-        for conn in ready:
-            self._serve_connection(conn)
-        for thread in threads:
+    def _shutdown(self, workers: list[threading.Thread]) -> None:
+        for _ in workers:
+            self._jobs.put(None)
+        deadline = max(self._drain_deadline, time.monotonic() + 0.1)
+        for thread in workers:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self.selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for conn in list(self.connections.values()):
+            if conn.state != "request":
+                self._close(conn)
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -25,11 +25,12 @@ class LogSink:
     def ready() -> bool:
         return True
 
-    def capacity(self) -> int:
-        return 64 * 1024
+    @staticmethod
+    def capacity(limit: int) -> int:
+        return limit
 
-    def write(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
+    def write(self, data: bytes | memoryview) -> None:
+        *lines, self._partial = (self._partial + bytes(data)).split(b"\n")
         for line in lines:
             self._emit(line)
         if len(self._partial) > self.MAX_LINE:
@@ -78,15 +79,15 @@ def exit_with_code(store: Any, code: int) -> None:
 
 
 def get_stdin(store: Any) -> InputStream:
-    return InputStream(EmptySource(), store.waker)
+    return InputStream(EmptySource(), store.waiter)
 
 
 def get_stdout(store: Any) -> OutputStream:
-    return OutputStream(store.stdout, store.waker)
+    return OutputStream(store.stdout, store.waiter)
 
 
 def get_stderr(store: Any) -> OutputStream:
-    return OutputStream(store.stderr, store.waker)
+    return OutputStream(store.stderr, store.waiter)
 
 
 def no_terminal(store: Any) -> None:

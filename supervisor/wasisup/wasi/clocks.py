@@ -28,11 +28,11 @@ def monotonic_resolution(store: Any) -> int:
 
 
 def subscribe_instant(store: Any, when: int) -> Pollable:
-    return Pollable(Timer(when), store.waker)
+    return Pollable(Timer(when), store.waiter)
 
 
 def subscribe_duration(store: Any, duration: int) -> Pollable:
-    return Pollable(Timer(time.monotonic_ns() + duration), store.waker)
+    return Pollable(Timer(time.monotonic_ns() + duration), store.waiter)
 
 
 def wall_now(store: Any) -> dict:

@@ -1,4 +1,4 @@
-"""The host state of one wasmtime Store: its resources, waker, environment and stdio."""
+"""The host state of one wasmtime Store: its resources, waiter, environment and stdio."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from .abi import Resources
 from .cli import LogSink
-from .io import Waker
+from .io import Waiter
 
 
 class WasiContext(Resources):
@@ -16,7 +16,7 @@ class WasiContext(Resources):
         super().__init__()
         self.env = env
         self.outbound = outbound  # wasisup.http.client.OutboundClient: sends guest requests
-        self.waker = Waker()
+        self.waiter = Waiter()
         self.request_id = "-"
         self.stdout = LogSink("stdout", self._request_id)
         self.stderr = LogSink("stderr", self._request_id)
@@ -32,4 +32,3 @@ class WasiContext(Resources):
     def close(self) -> None:
         self.end_request()
         self.drop_all()
-        self.waker.close()

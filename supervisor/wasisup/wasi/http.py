@@ -9,13 +9,12 @@ transport objects, so this module holds the WASI semantics and none of the socke
 from __future__ import annotations
 
 import re
-import threading
 from typing import Any, Callable, Optional, Protocol
 
 from .abi import Err, Interface, Ok, Resource
 from .io import (
-    WRITE_BUDGET, ByteSource, InputStream, IoError, OutputStream, Pollable, StreamClosed,
-    StreamFailed, Waker,
+    WRITE_BUDGET, ByteSource, InputStream, Interest, IoError, OutputStream, Pollable, Readiness,
+    StreamClosed, StreamFailed, Waiter,
 )
 
 # Headers a guest may neither set nor see: they belong to the connection, not the message
@@ -170,13 +169,14 @@ class BodySource(ByteSource, Protocol):
 
 
 class Transport(Protocol):
-    """Where an outgoing body goes once its message has been sent (socket or client thread)."""
+    """Where an outgoing body goes once its message has been sent (the client connection, or
+    an upstream exchange). Like a ``ByteSink``, it may offer ``interest()`` and ``deadline``."""
 
     def ready(self) -> bool: ...
 
-    def capacity(self) -> int: ...
+    def capacity(self, limit: int) -> int: ...
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def finish(self, trailers: Optional[Fields]) -> None: ...
 
@@ -207,18 +207,22 @@ class BodySink:
             return self.transport.ready()
         return self._held_size < WRITE_BUDGET
 
-    def wait_fd(self) -> Optional[tuple[int, bool]]:
-        hint = getattr(self.transport, "wait_fd", None)
+    def interest(self) -> Optional[Interest]:
+        hint = getattr(self.transport, "interest", None)
         return hint() if hint else None
 
-    def capacity(self) -> int:
+    @property
+    def deadline(self) -> Optional[int]:
+        return getattr(self.transport, "deadline", None)
+
+    def capacity(self, limit: int) -> int:
         if self.error is not None:
             raise StreamFailed(self.error)
         if self.transport is not None:
-            return self.transport.capacity()
-        return max(0, WRITE_BUDGET - self._held_size)
+            return self.transport.capacity(limit)
+        return max(0, min(limit, WRITE_BUDGET - self._held_size))
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.written += len(data)
         if self.content_length is not None and self.written > self.content_length:
             self.error = IoError(f"body exceeds its content-length of {self.content_length}",
@@ -227,7 +231,7 @@ class BodySink:
         if self.transport is not None:
             self.transport.write(data)
         else:
-            self._held.append(data)
+            self._held.append(bytes(data))
             self._held_size += len(data)
 
     def flush(self) -> None:
@@ -237,20 +241,20 @@ class BodySink:
 class IncomingBody(Resource):
     """wasi:http incoming-body, of a request from the client or a response from upstream."""
 
-    def __init__(self, source: BodySource, waker: Waker) -> None:
+    def __init__(self, source: BodySource, waiter: Waiter) -> None:
         self.source = source
-        self.waker = waker
+        self.waiter = waiter
         self._streamed = False
 
     def stream(self) -> InputStream:
         if self._streamed:
             raise Err()
         self._streamed = True
-        return InputStream(self.source, self.waker)
+        return InputStream(self.source, self.waiter)
 
     @staticmethod
     def finish(store: Any, body: "IncomingBody") -> "FutureTrailers":
-        return FutureTrailers(body.source, body.waker)
+        return FutureTrailers(body.source, body.waiter)
 
     def drop(self) -> None:
         if not self._streamed:
@@ -260,9 +264,9 @@ class IncomingBody(Resource):
 class FutureTrailers(Resource):
     """wasi:http future-trailers: ready once the rest of the body has been read (and dropped)."""
 
-    def __init__(self, source: BodySource, waker: Waker) -> None:
+    def __init__(self, source: BodySource, waiter: Waiter) -> None:
         self.source = source
-        self.waker = waker
+        self.waiter = waiter
         self._outcome: Any = None
         self._taken = False
 
@@ -278,12 +282,16 @@ class FutureTrailers(Resource):
                 self._outcome = Err(exc.error.http_error_code or ("internal-error", exc.error.message))
         return self._outcome is not None
 
-    def wait_fd(self) -> Optional[tuple[int, bool]]:
-        hint = getattr(self.source, "wait_fd", None)
+    def interest(self) -> Optional[Interest]:
+        hint = getattr(self.source, "interest", None)
         return hint() if hint else None
 
+    @property
+    def deadline(self) -> Optional[int]:
+        return getattr(self.source, "deadline", None)
+
     def subscribe(self) -> Pollable:
-        return Pollable(self, self.waker)
+        return Pollable(self, self.waiter)
 
     def get(self) -> Any:
         if self._taken:
@@ -297,9 +305,9 @@ class FutureTrailers(Resource):
 class OutgoingBody(Resource):
     """wasi:http outgoing-body: what the guest writes for a request it sends or its response."""
 
-    def __init__(self, sink: BodySink, waker: Waker) -> None:
+    def __init__(self, sink: BodySink, waiter: Waiter) -> None:
         self.sink = sink
-        self.waker = waker
+        self.waiter = waiter
         self._stream_taken = False
         self.state = "open"  # then "finished" (by the guest) or "aborted" (dropped unfinished)
         self.trailers: Optional[Fields] = None
@@ -308,7 +316,7 @@ class OutgoingBody(Resource):
         if self._stream_taken:
             raise Err()
         self._stream_taken = True
-        return OutputStream(self.sink, self.waker)
+        return OutputStream(self.sink, self.waiter)
 
     @staticmethod
     def finish(store: Any, body: "OutgoingBody", trailers: Optional[Fields]) -> None:
@@ -349,9 +357,9 @@ def attach_body(body: OutgoingBody, transport: Transport) -> None:
 class IncomingMessage(Resource):
     """What incoming requests and responses share: immutable headers and a body taken once."""
 
-    def __init__(self, headers: Fields, body: BodySource, waker: Waker) -> None:
+    def __init__(self, headers: Fields, body: BodySource, waiter: Waiter) -> None:
         self._headers = headers
-        self._body: Optional[IncomingBody] = IncomingBody(body, waker)
+        self._body: Optional[IncomingBody] = IncomingBody(body, waiter)
 
     def headers(self) -> Fields:
         return self._headers.view()
@@ -371,8 +379,8 @@ class IncomingRequest(IncomingMessage):
     """wasi:http incoming-request: a request from the client, built by the server."""
 
     def __init__(self, method: str, path_with_query: str, scheme: str, authority: Optional[str],
-                 headers: Fields, body: BodySource, waker: Waker) -> None:
-        super().__init__(headers, body, waker)
+                 headers: Fields, body: BodySource, waiter: Waiter) -> None:
+        super().__init__(headers, body, waiter)
         self._method = method_case(method)
         self._path_with_query = path_with_query
         self._scheme = scheme_case(scheme)
@@ -396,10 +404,10 @@ class OutgoingMessage(Resource):
 
     size_error = ""
 
-    def __init__(self, headers: Fields, waker: Waker) -> None:
+    def __init__(self, headers: Fields, waiter: Waiter) -> None:
         headers.immutable = True
         self.header_fields = headers
-        self.waker = waker
+        self.waiter = waiter
         self.outgoing_body: Optional[OutgoingBody] = None
 
     def headers(self) -> Fields:
@@ -409,7 +417,7 @@ class OutgoingMessage(Resource):
         if self.outgoing_body is not None:
             raise Err()
         sink = BodySink(_content_length(self.header_fields), self.size_error)
-        self.outgoing_body = OutgoingBody(sink, self.waker)
+        self.outgoing_body = OutgoingBody(sink, self.waiter)
         return self.outgoing_body
 
 
@@ -418,8 +426,8 @@ class OutgoingRequest(OutgoingMessage):
 
     size_error = "HTTP-request-body-size"
 
-    def __init__(self, headers: Fields, waker: Waker) -> None:
-        super().__init__(headers, waker)
+    def __init__(self, headers: Fields, waiter: Waiter) -> None:
+        super().__init__(headers, waiter)
         self._method: Any = "get"
         self._path_with_query: Optional[str] = None
         self._scheme: Any = None
@@ -427,7 +435,7 @@ class OutgoingRequest(OutgoingMessage):
 
     @staticmethod
     def new(store: Any, headers: Fields) -> "OutgoingRequest":
-        return OutgoingRequest(headers, store.waker)
+        return OutgoingRequest(headers, store.waiter)
 
     def method(self) -> Any:
         return self._method
@@ -468,13 +476,13 @@ class OutgoingResponse(OutgoingMessage):
 
     size_error = "HTTP-response-body-size"
 
-    def __init__(self, headers: Fields, waker: Waker) -> None:
-        super().__init__(headers, waker)
+    def __init__(self, headers: Fields, waiter: Waiter) -> None:
+        super().__init__(headers, waiter)
         self.status = 200
 
     @staticmethod
     def new(store: Any, headers: Fields) -> "OutgoingResponse":
-        return OutgoingResponse(headers, store.waker)
+        return OutgoingResponse(headers, store.waiter)
 
     def status_code(self) -> int:
         return self.status
@@ -530,47 +538,49 @@ class RequestOptions(Resource):
 class IncomingResponse(IncomingMessage):
     """wasi:http incoming-response: what upstream answered an outbound request."""
 
-    def __init__(self, status: int, headers: Fields, body: BodySource, waker: Waker) -> None:
-        super().__init__(headers, body, waker)
+    def __init__(self, status: int, headers: Fields, body: BodySource, waiter: Waiter) -> None:
+        super().__init__(headers, body, waiter)
         self._status = status
 
     def status(self) -> int:
         return self._status
 
 
+class ResponseSource(Readiness, Protocol):
+    """What answers an outbound request: ready (making progress) once the response head
+    arrived or the exchange failed. Like any source it may offer ``interest()`` and
+    ``deadline``."""
+
+    def outcome(self) -> Any:
+        """The ``IncomingResponse``, or ``Err(error-code)``; only once ready."""
+
+    def cancel(self) -> None:
+        """The guest dropped the future before taking the response."""
+
+
 class FutureIncomingResponse(Resource):
-    """wasi:http future-incoming-response: completed by the outbound client's thread."""
+    """wasi:http future-incoming-response."""
 
-    def __init__(self, waker: Waker) -> None:
-        self.waker = waker
-        self._outcome: Any = None
+    def __init__(self, source: ResponseSource, waiter: Waiter) -> None:
+        self.source = source
+        self.waiter = waiter
         self._taken = False
-        self._done = threading.Event()
-        self.on_drop: Optional[Callable[[], None]] = None
-
-    def resolve(self, outcome: Any) -> None:
-        """Called once by the client: ``IncomingResponse`` or an error-code value."""
-        self._outcome = outcome if isinstance(outcome, Err) else Ok(outcome)
-        self._done.set()
-        self.waker.wake()
-
-    def ready(self) -> bool:
-        return self._done.is_set()
 
     def subscribe(self) -> Pollable:
-        return Pollable(self, self.waker)
+        return Pollable(self.source, self.waiter)
 
     def get(self) -> Any:
         if self._taken:
             return Err()
-        if not self._done.is_set():
+        if not self.source.ready():
             return None
         self._taken = True
-        return Ok(self._outcome)
+        outcome = self.source.outcome()
+        return Ok(outcome if isinstance(outcome, Err) else Ok(outcome))
 
     def drop(self) -> None:
-        if self.on_drop is not None:
-            self.on_drop()
+        if not self._taken:
+            self.source.cancel()
 
 
 def http_error_code(store: Any, err: IoError) -> Any:
@@ -579,7 +589,7 @@ def http_error_code(store: Any, err: IoError) -> Any:
 
 def handle_outgoing(store: Any, request: OutgoingRequest,
                     options: Optional[RequestOptions]) -> FutureIncomingResponse:
-    return store.outbound.send(request, options or RequestOptions(), store.waker)
+    return store.outbound.send(request, options or RequestOptions(), store.waiter)
 
 
 INTERFACES = [

@@ -1,17 +1,17 @@
 """wasi:io — pollables, input/output streams and errors, over host-side byte sources and sinks.
 
-A guest runs on one thread; everything it waits for is either a file descriptor (the client
-socket) or state changed by another thread (an outbound request's pump), which pokes the
-Store's ``Waker``. ``poll`` sleeps in ``select`` on both, with the GIL released.
+A guest runs on one request thread, and that thread does all of its I/O: whatever a guest
+waits for is a socket becoming readable or writable (the client's, an upstream's) or a
+deadline. ``poll`` asks each pollable's source to make progress without blocking, and when
+none is ready sleeps in ``poll(2)`` on all of their sockets at once, with the GIL released.
+No other thread ever has to wake a guest.
 """
 
 from __future__ import annotations
 
-import os
 import select
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
 from .abi import Err, Interface, Resource, Trap
@@ -20,93 +20,88 @@ DEADLINE_EXCEEDED = "the request deadline passed while the guest waited"
 # How much a guest may write before it has to wait (check-write's answer); blocking-write's cap.
 WRITE_BUDGET = 16 * 1024
 BLOCKING_WRITE_LIMIT = 4096
+# The most a splice moves per call: bytes that only pass through the host move in big pieces.
+SPLICE_BUDGET = 1024 * 1024
+
+READABLE, WRITABLE = select.POLLIN, select.POLLOUT
+# A socket to wait on: (fd, READABLE and/or WRITABLE).
+Interest = tuple[int, int]
 
 
-class Waker:
-    """An eventfd that other threads poke when something a Store's guest may wait on changed."""
+class Waiter:
+    """How one Store's guest blocks: runs the before-sleep hook, then sleeps in poll(2) until a
+    socket it waits on is ready or a deadline passes — never past the request's deadline."""
 
     def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # Run before the guest sleeps: the server sends what the guest wrote so far.
-        self.before_sleep: Optional[Callable[[], None]] = None
+        # Run before the guest sleeps: the server sends what the guest wrote so far, outbound
+        # exchanges put their requests on the wire.
+        self.before_sleep: list[Callable[[], None]] = []
         # The current request's deadline (time.monotonic_ns), if it has one.
         self.deadline: Optional[int] = None
 
-    def wake(self) -> None:
-        try:
-            os.eventfd_write(self.fd, 1)
-        except (BlockingIOError, OSError):
-            pass
-
-    def wait(self, fds: list[tuple[int, bool]], timeout: Optional[float]) -> None:
-        """Sleep until woken, one of ``fds`` (fd, for_write) is ready, or ``timeout`` passes."""
-        if self.before_sleep is not None:
-            self.before_sleep()
-        readers = [self.fd] + [fd for fd, for_write in fds if not for_write]
-        writers = [fd for fd, for_write in fds if for_write]
-        ready, _, _ = select.select(readers, writers, [], timeout)
-        if self.fd in ready:
-            try:
-                os.eventfd_read(self.fd)
-            except BlockingIOError:
-                pass
-
-    def close(self) -> None:
-        os.close(self.fd)
+    def sleep(self, interests: list[Interest], deadline: Optional[int]) -> None:
+        for hook in list(self.before_sleep):
+            hook()
+        if self.deadline is not None:
+            if time.monotonic_ns() >= self.deadline:
+                raise Trap(DEADLINE_EXCEEDED)
+            deadline = self.deadline if deadline is None else min(deadline, self.deadline)
+        if not interests and deadline is None:
+            raise Trap("the guest waits for something that can never become ready")
+        timeout = None if deadline is None else max(0, (deadline - time.monotonic_ns()) // 1_000_000 + 1)
+        poller = select.poll()
+        for fd, events in interests:
+            poller.register(fd, events)
+        poller.poll(timeout)
 
 
 class Readiness(Protocol):
-    """What a pollable waits for."""
+    """What a pollable waits for. ``ready`` may make progress (read or send what it can) but
+    never blocks. A source that is not ready may also offer ``interest()`` (the socket to wait
+    on) and ``deadline`` (monotonic ns, e.g. a timer or a timeout of its own)."""
 
     def ready(self) -> bool: ...
 
 
-def wait_hint(source: Readiness) -> tuple[Optional[tuple[int, bool]], Optional[float]]:
-    """The fd (and direction) and the monotonic deadline a not-yet-ready source sleeps on."""
-    fd = getattr(source, "wait_fd", None)
-    deadline = getattr(source, "deadline", None)
-    return (fd() if fd else None), deadline
+def _wait_terms(source: Readiness) -> tuple[Optional[Interest], Optional[int]]:
+    interest = getattr(source, "interest", None)
+    return (interest() if interest else None), getattr(source, "deadline", None)
 
 
 class Pollable(Resource):
     """wasi:io/poll pollable: a readiness condition of some host object."""
 
-    def __init__(self, source: Readiness, waker: Waker) -> None:
+    def __init__(self, source: Readiness, waiter: Waiter) -> None:
         self.source = source
-        self.waker = waker
+        self.waiter = waiter
 
     def ready(self) -> bool:
         return self.source.ready()
 
     def block(self) -> None:
-        wait_any([self], self.waker)
+        wait_any([self.source], self.waiter)
 
 
-def wait_any(pollables: list[Pollable], waker: Waker) -> list[int]:
-    """Block until at least one pollable is ready; return the indexes of those that are."""
+def wait_any(sources: list[Readiness], waiter: Waiter) -> list[int]:
+    """Block until at least one source is ready; return the indexes of those that are."""
     while True:
-        ready = [i for i, p in enumerate(pollables) if p.source.ready()]
+        ready = [i for i, source in enumerate(sources) if source.ready()]
         if ready:
             return ready
-        fds, deadline = [], None
-        for p in pollables:
-            fd, when = wait_hint(p.source)
-            if fd is not None:
-                fds.append(fd)
+        interests, deadline = [], None
+        for source in sources:
+            interest, when = _wait_terms(source)
+            if interest is not None:
+                interests.append(interest)
             if when is not None:
                 deadline = when if deadline is None else min(deadline, when)
-        if waker.deadline is not None:
-            if time.monotonic_ns() >= waker.deadline:
-                raise Trap(DEADLINE_EXCEEDED)
-            deadline = waker.deadline if deadline is None else min(deadline, waker.deadline)
-        timeout = None if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
-        waker.wait(fds, timeout)
+        waiter.sleep(interests, deadline)
 
 
 def poll(store: Any, pollables: list[Pollable]) -> list[int]:
     if not pollables:
         raise Trap("poll needs at least one pollable")
-    return wait_any(pollables, store.waker)
+    return wait_any([p.source for p in pollables], store.waiter)
 
 
 class StreamClosed(Exception):
@@ -139,7 +134,9 @@ def _stream_error(exc: Exception) -> Err:
 
 
 class ByteSource(Readiness, Protocol):
-    """Where an input stream's bytes come from."""
+    """Where an input stream's bytes come from. A source may also offer
+    ``read_into(view) -> int`` (same contract, into a buffer): splice then moves its bytes
+    without an intermediate ``bytes`` object."""
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes available now (b"" if none yet); StreamClosed at the end."""
@@ -150,10 +147,12 @@ class ByteSource(Readiness, Protocol):
 class ByteSink(Readiness, Protocol):
     """Where an output stream's bytes go."""
 
-    def capacity(self) -> int:
-        """How many bytes ``write`` accepts now (0: wait for ready()); StreamClosed if done."""
+    def capacity(self, limit: int) -> int:
+        """How many bytes (at most ``limit``) ``write`` accepts now (0: wait for ready());
+        StreamClosed if done."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None:
+        """Take ``data`` (a view is only valid during the call: copy what is kept)."""
 
     def flush(self) -> None: ...
 
@@ -161,9 +160,9 @@ class ByteSink(Readiness, Protocol):
 class InputStream(Resource):
     """wasi:io/streams input-stream."""
 
-    def __init__(self, source: ByteSource, waker: Waker) -> None:
+    def __init__(self, source: ByteSource, waiter: Waiter) -> None:
         self.source = source
-        self.waker = waker
+        self.waiter = waiter
 
     def read(self, size: int) -> bytes:
         try:
@@ -178,7 +177,7 @@ class InputStream(Resource):
             data = self.read(size)
             if data:
                 return data
-            wait_any([Pollable(self.source, self.waker)], self.waker)
+            wait_any([self.source], self.waiter)
 
     def skip(self, size: int) -> int:
         return len(self.read(size))
@@ -187,36 +186,53 @@ class InputStream(Resource):
         return len(self.blocking_read(size))
 
     def subscribe(self) -> Pollable:
-        return Pollable(self.source, self.waker)
+        return Pollable(self.source, self.waiter)
 
     def drop(self) -> None:
         self.source.close()
 
 
+_scratch = threading.local()
+
+
+def _splice_buffer() -> memoryview:
+    """This thread's reusable buffer for splices (a guest runs on one thread at a time)."""
+    view = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(SPLICE_BUDGET))
+    return view
+
+
 class OutputStream(Resource):
     """wasi:io/streams output-stream."""
 
-    def __init__(self, sink: ByteSink, waker: Waker) -> None:
+    def __init__(self, sink: ByteSink, waiter: Waiter) -> None:
         self.sink = sink
-        self.waker = waker
+        self.waiter = waiter
+
+    def _capacity(self, limit: int) -> int:
+        try:
+            return self.sink.capacity(limit)
+        except (StreamClosed, StreamFailed) as exc:
+            raise _stream_error(exc) from None
 
     def check_write(self) -> int:
+        return self._capacity(WRITE_BUDGET)
+
+    def _put(self, data: bytes | memoryview) -> None:
         try:
-            return self.sink.capacity()
+            self.sink.write(data)
         except (StreamClosed, StreamFailed) as exc:
             raise _stream_error(exc) from None
 
     def write(self, data: bytes) -> None:
         if len(data) > self.check_write():
             raise Trap("write exceeds what check-write permitted")
-        try:
-            self.sink.write(data)
-        except (StreamClosed, StreamFailed) as exc:
-            raise _stream_error(exc) from None
+        self._put(data)
 
     def _wait_writable(self) -> None:
         while self.check_write() == 0:
-            wait_any([Pollable(self.sink, self.waker)], self.waker)
+            wait_any([self.sink], self.waiter)
 
     def blocking_write_and_flush(self, data: bytes) -> None:
         if len(data) > BLOCKING_WRITE_LIMIT:
@@ -225,7 +241,7 @@ class OutputStream(Resource):
         while view:
             self._wait_writable()
             chunk = view[:self.check_write()]
-            self.write(bytes(chunk))
+            self._put(chunk)
             view = view[len(chunk):]
         self.blocking_flush()
 
@@ -246,146 +262,33 @@ class OutputStream(Resource):
         self.blocking_write_and_flush(bytes(size))
 
     def splice(self, src: InputStream, size: int) -> int:
-        budget = min(size, self.check_write())
-        data = src.read(budget) if budget else b""
+        """Move what is available now, up to ``size``, in one piece (not through the guest)."""
+        budget = self._capacity(min(size, SPLICE_BUDGET)) if size else 0
+        if not budget:
+            return 0
+        read_into = getattr(src.source, "read_into", None)
+        if read_into is None:
+            data = src.read(budget)
+        else:
+            view = _splice_buffer()[:budget]
+            try:
+                data = view[:read_into(view)]
+            except (StreamClosed, StreamFailed) as exc:
+                raise _stream_error(exc) from None
         if data:
-            self.write(data)
+            self._put(data)
         return len(data)
 
     def blocking_splice(self, src: InputStream, size: int) -> int:
-        self._wait_writable()
-        data = src.blocking_read(min(size, self.check_write()))
-        if data:
-            self.write(data)
-        return len(data)
+        while True:
+            self._wait_writable()
+            moved = self.splice(src, size)
+            if moved or not size:
+                return moved
+            wait_any([src.source], self.waiter)
 
     def subscribe(self) -> Pollable:
-        return Pollable(self.sink, self.waker)
-
-
-class _Pipe:
-    """A bounded byte queue between a guest and a host thread; each side wakes the other."""
-
-    def __init__(self, waker: Waker, limit: int = 1024 * 1024) -> None:
-        self.waker = waker
-        self.limit = limit
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._eof = False  # the writer finished
-        self._abandoned = False  # the reader went away
-        self._error: Optional[IoError] = None
-        self._cond = threading.Condition()
-
-    def _changed(self) -> None:
-        self._cond.notify_all()
-        self.waker.wake()
-
-
-class InboundPipe(_Pipe):
-    """Host thread -> guest: the body of an outbound request's response."""
-
-    def ready(self) -> bool:
-        return bool(self._chunks) or self._eof or self._abandoned
-
-    def read(self, size: int) -> bytes:
-        with self._cond:
-            if not self._chunks:
-                if self._error is not None:
-                    raise StreamFailed(self._error)
-                if self._eof or self._abandoned:
-                    raise StreamClosed()
-                return b""
-            chunk = self._chunks.popleft()
-            if len(chunk) > size:
-                self._chunks.appendleft(chunk[size:])
-                chunk = chunk[:size]
-            self._size -= len(chunk)
-            self._cond.notify_all()
-            return chunk
-
-    def close(self) -> None:
-        with self._cond:
-            self._abandoned = True
-            self._chunks.clear()
-            self._size = 0
-            self._cond.notify_all()
-
-    def put(self, data: bytes) -> bool:
-        """Queue ``data`` once there is room (back-pressure); False if the guest went away."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._size < self.limit or self._abandoned)
-            if self._abandoned:
-                return False
-            self._chunks.append(data)
-            self._size += len(data)
-            self._changed()
-            return True
-
-    def finish(self, error: Optional[IoError] = None) -> None:
-        with self._cond:
-            self._error = error
-            self._eof = True
-            self._changed()
-
-    @staticmethod
-    def trailers() -> None:
-        """Upstream trailers are not kept (urllib3 drops them)."""
-        return None
-
-
-class OutboundPipe(_Pipe):
-    """Guest -> host thread: the body of an outbound request."""
-
-    aborted = False
-
-    def ready(self) -> bool:
-        return self._size < self.limit or self._abandoned or self._eof
-
-    def capacity(self) -> int:
-        if self._abandoned or self._eof:
-            raise StreamClosed()
-        return max(0, min(WRITE_BUDGET, self.limit - self._size))
-
-    def write(self, data: bytes) -> None:
-        with self._cond:
-            self._chunks.append(data)
-            self._size += len(data)
-            self._cond.notify_all()
-
-    def flush(self) -> None:
-        pass
-
-    def finish(self, trailers: Any = None) -> None:
-        """The guest finished the body (trailers are not sent: urllib3 cannot)."""
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def abort(self) -> None:
-        """The guest dropped the body unfinished: the request must fail, not end short."""
-        with self._cond:
-            self.aborted = True
-            self._eof = True
-            self._cond.notify_all()
-
-    def take(self) -> Optional[bytes]:
-        """The next chunk, waiting for the guest to write it; None once it finished."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._chunks or self._eof or self._abandoned)
-            if not self._chunks:
-                return None
-            chunk = self._chunks.popleft()
-            self._size -= len(chunk)
-            self._changed()
-            return chunk
-
-    def abandon(self) -> None:
-        """The consumer gave up (the connection failed): further guest writes see closed."""
-        with self._cond:
-            self._abandoned = True
-            self._chunks.clear()
-            self._size = 0
-            self._changed()
+        return Pollable(self.sink, self.waiter)
 
 
 class EmptySource:

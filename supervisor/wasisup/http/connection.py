@@ -1,0 +1,285 @@
+"""One client connection: a non-blocking socket, its h11 state machine and its output buffer.
+
+The worker's event loop reads request heads into it; a request thread reads the body and writes
+the response through it; whatever the client has not taken when the guest is done stays in
+``out`` for the loop to finish. Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import socket
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Optional
+
+import h11
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+RECV_SIZE = 64 * 1024
+# Response bytes held for a client that has not taken them yet: beyond this the guest waits
+# (each connection's share of memory is bounded; the kernel's socket buffer comes on top).
+OUT_HIGH_WATER = 256 * 1024
+# Smaller writes collect in ``out`` until a flush; bigger ones go to the socket at once.
+DIRECT_SEND = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may send and how slowly (gunicorn's names and defaults for the
+    request, Kestrel's minimum data rate for slow clients)."""
+
+    request_line: int = 4094
+    request_fields: int = 100
+    request_field_size: int = 8190
+    request_body: int = 0  # 0: unlimited
+    keep_alive: float = 2.0  # idle between requests
+    header_timeout: float = 20.0  # for a whole request head, from its first byte
+    min_data_rate: float = 240.0  # bytes/s a client must move while we wait on it (0: off)
+    data_rate_grace: float = 5.0
+
+
+class BadRequest(Exception):
+    """The client sent something we refuse; ``status`` says how."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ClientGone(Exception):
+    """The client closed the connection (or it broke) before a request head was complete."""
+
+
+class MinDataRate:
+    """While we wait on a client, it must move ``rate × grace`` bytes within ``grace`` seconds
+    (Kestrel's minimum data rate): a slow sender or reader cannot hold a request thread."""
+
+    def __init__(self, rate: float, grace: float) -> None:
+        self.quota = rate * grace
+        self.grace = grace
+        self._window: Optional[float] = None  # when the current window started
+        self._moved = 0
+
+    def waiting(self, now: float) -> None:
+        """We wait on the client from now, unless a window is already running."""
+        if self._window is None:
+            self._window, self._moved = now, 0
+
+    def moved(self, count: int, now: float) -> None:
+        self._moved += count
+        if self._window is not None and self._moved >= self.quota:
+            self._window, self._moved = now, 0
+
+    def deadline(self) -> Optional[float]:
+        if self._window is None or not self.quota:
+            return None
+        return self._window + self.grace
+
+    def reset(self) -> None:
+        self._window = None
+
+
+class Connection:
+    """A client connection; ``state`` says who has it: the loop ("head": reading a request
+    head or idle between requests, "flush": sending what is left of a response, "linger":
+    closing) or a request thread ("request")."""
+
+    def __init__(self, sock: socket.socket, peer: Any, limits: Limits) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.limits = limits
+        max_head = limits.request_line + limits.request_fields * (limits.request_field_size + 2) + 4
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self.state = "head"
+        self.out = bytearray()
+        self.must_close = False
+        self.requests = 0  # answered on this connection
+        self.request: Optional[h11.Request] = None  # the head a request thread is to serve
+        now = time.monotonic()
+        self.head_started: Optional[float] = now  # a new connection's head is due from accept
+        self.idle_since = now
+        self.reading = MinDataRate(limits.min_data_rate, limits.data_rate_grace)
+        self.writing = MinDataRate(limits.min_data_rate, limits.data_rate_grace)
+        self._head = bytearray()  # the raw bytes of the head being read
+
+    # -- reading
+    def receive(self) -> Optional[bool]:
+        """Feed h11 what the socket has now: True if something came, None if nothing did,
+        False when the client closed (or the connection broke)."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if self.h11.their_state is h11.IDLE:
+            self._head += data
+        self.h11.receive_data(data)
+        return bool(data)
+
+    def read_head(self, receive: bool = True) -> Optional[h11.Request]:
+        """The next request head if it is complete (reading what the socket has, unless
+        ``receive`` is false), else None. Raises BadRequest, or ClientGone."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadRequest(exc.error_status_hint, str(exc)) from None
+            if event is h11.NEED_DATA:
+                if len(self._head) > self.limits.request_line and b"\n" not in self._head:
+                    raise BadRequest(414, "request line too long")
+                if not receive:
+                    return None
+                got = self.receive()
+                if got is None:
+                    return None
+                if got and self.head_started is None:
+                    self.head_started = time.monotonic()
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise ClientGone()
+            if not isinstance(event, h11.Request):
+                raise BadRequest(400, f"unexpected {type(event).__name__}")
+            trailing = len(self.h11.trailing_data[0])
+            head = bytes(self._head[:len(self._head) - trailing])
+            self._head = bytearray()
+            self._check(event, head)
+            self.head_started = None
+            return event
+
+    def _check(self, request: h11.Request, head: bytes) -> None:
+        if _BARE_LF.search(head):
+            raise BadRequest(400, "bare LF in the request head; lines end with CRLF")
+        line_length = len(request.method) + len(request.target) + 10
+        if line_length > self.limits.request_line:
+            raise BadRequest(414, "request line too long")
+        if len(request.headers) > self.limits.request_fields:
+            raise BadRequest(431, "too many header fields")
+        names = [name for name, _ in request.headers]
+        for name, value in request.headers:
+            if len(name) + len(value) + 2 > self.limits.request_field_size:
+                raise BadRequest(431, f"header field {name.decode()} too large")
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if self.limits.request_body:
+            for name, value in request.headers:
+                if name == b"content-length" and int(value) > self.limits.request_body:
+                    raise BadRequest(413, "request body too large")
+
+    # -- writing: small writes collect in ``out`` until ``flush``; big ones go out at once
+    def send(self, event: Any) -> None:
+        """Frame an h11 event into the output. A Data event's bytes are not copied on the way:
+        a big one goes to the socket at once, and only what it does not take is kept."""
+        parts = self.h11.send_with_data_passthrough(event)
+        if sum(map(len, parts)) < DIRECT_SEND:
+            for part in parts:
+                self.out += part
+            return
+        if self.out:
+            parts.insert(0, self.out)
+            self.out = bytearray()
+        sent = self._send(parts)
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+            else:
+                self.out += memoryview(part)[sent:]
+                sent = 0
+
+    def send_response_head(self, response: h11.Response, head_only: bool) -> None:
+        """Like ``send``; for a HEAD request without a length, no framing header at all.
+
+        h11 announces the chunked framing a GET would have had; hyper (and so `wasmtime
+        serve`) announces none, and a HEAD response has no body to frame either way.
+        """
+        data = self.h11.send(response)
+        if head_only and data:
+            data = data.replace(b"\r\nTransfer-Encoding: chunked\r\n", b"\r\n", 1)
+        self.out += data
+
+    def _send(self, buffers: list[Any]) -> int:
+        try:
+            sent = self.sock.sendmsg(buffers)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        self.writing.moved(sent, time.monotonic())
+        return sent
+
+    def flush(self) -> bool:
+        """Send what the socket takes now; True once nothing is left. OSError if it broke."""
+        if self.out:
+            sent = self._send([self.out])
+            if sent:
+                del self.out[:sent]
+        return not self.out
+
+    @property
+    def partial_head(self) -> bool:
+        """Have bytes of a request head arrived that do not make a whole head yet?"""
+        return bool(self._head)
+
+    def room(self) -> int:
+        """How much more output the connection holds before its writer must wait."""
+        return max(0, OUT_HIGH_WATER - len(self.out))
+
+    def send_error(self, status: int, reason: str) -> None:
+        """A plain-text error response, then close: the request's framing can't be trusted."""
+        self.must_close = True
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE, h11.ERROR):
+            self.out += raw_error(status, f"{reason}\n".encode())
+
+    def finish_cycle(self) -> bool:
+        """After a response: is the connection ready for the next request?"""
+        if self.must_close or self.h11.our_state is not h11.DONE:
+            return False
+        try:
+            while self.h11.their_state is h11.SEND_BODY:  # body the guest left unread
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    if not self.receive():
+                        return False  # not here yet: not worth waiting for
+                elif not isinstance(event, (h11.Data, h11.EndOfMessage)):
+                    return False
+            if self.h11.their_state is not h11.DONE:
+                return False
+            self.h11.start_next_cycle()
+        except (h11.RemoteProtocolError, h11.LocalProtocolError):
+            return False
+        self.requests += 1
+        self._head = bytearray(self.h11.trailing_data[0])
+        self.head_started = time.monotonic() if self._head else None
+        self.idle_since = time.monotonic()
+        self.reading.reset()
+        self.writing.reset()
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def raw_error(status: int, body: bytes) -> bytes:
+    """An error response written past h11, whose state machine may already be in ERROR."""
+    reason = reason_phrase(status).decode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\ndate: {http_date()}\r\n\r\n"
+            ).encode() + body
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for ``status`` (none for a code without one)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def http_date() -> str:
+    return email.utils.formatdate(usegmt=True)

@@ -1,0 +1,243 @@
+"""Upstream connections for guests' outbound requests: non-blocking sockets (TLS with SNI and
+the system CA store for https) and a keep-alive pool shared by a worker's request threads.
+
+Nothing here blocks except name resolution: connects and TLS handshakes advance a step each
+time the guest's thread looks at them, and report what they wait for (``wants``).
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+READABLE, WRITABLE = select.POLLIN, select.POLLOUT
+# Kept per origin for reuse; more than this many idle connections to one origin are closed.
+IDLE_PER_ORIGIN = 32
+# An idle pooled connection older than this is closed rather than reused (upstream servers
+# close theirs too; nginx after 75 s, many after 5-15 s).
+IDLE_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a connection goes: exactly the host and port that were checked against policy."""
+
+    scheme: str  # "http" or "https"
+    host: str  # a name, or an IP literal without brackets
+    port: int
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class ConnectFailed(Exception):
+    """No connection could be made; ``code`` is the wasi:http error-code."""
+
+    def __init__(self, code: object, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+DNS_ERROR = ("DNS-error", {"rcode": "address not available", "info-code": None})
+
+
+class UpstreamConnection:
+    """One non-blocking connection to an origin; TLS is layered on once TCP is up."""
+
+    def __init__(self, origin: Origin, addresses: list[tuple], tls: Optional[ssl.SSLContext]) -> None:
+        self.origin = origin
+        self.reused = False
+        self._addresses = addresses
+        self._tls = tls
+        self.sock: socket.socket = self._start(addresses.pop(0))
+        self._phase = "tcp"  # -> "tls" (https) -> "open"
+        self._wants = WRITABLE
+
+    def _start(self, address: tuple) -> socket.socket:
+        family, kind, proto, _, sockaddr = address
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(sockaddr)
+        if error not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise ConnectFailed(_connect_code(error), f"connect: {errno.errorcode.get(error, error)}")
+        return sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def open(self) -> bool:
+        return self._phase == "open"
+
+    def wants(self) -> int:
+        """What the socket must become before the next step: READABLE and/or WRITABLE."""
+        return self._wants
+
+    def establish(self) -> bool:
+        """Advance the TCP connect and TLS handshake; True once the connection is usable."""
+        if self._phase == "tcp":
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error == 0 and not _writable_now(self.sock):
+                return False
+            if error:
+                self.sock.close()
+                if not self._addresses:
+                    raise ConnectFailed(_connect_code(error), f"connect: {errno.errorcode.get(error, error)}")
+                self.sock = self._start(self._addresses.pop(0))
+                return False
+            if self._tls is None:
+                self._phase = "open"
+                return True
+            self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.origin.host,
+                                              do_handshake_on_connect=False)
+            self._phase = "tls"
+        try:
+            self.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._wants = READABLE
+            return False
+        except ssl.SSLWantWriteError:
+            self._wants = WRITABLE
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            raise ConnectFailed("TLS-protocol-error", f"TLS handshake: {exc}") from None
+        self._phase = "open"
+        return True
+
+    def send(self, data: memoryview) -> int:
+        """Send what the socket takes now (0 if none); OSError if the connection broke."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+
+    def recv(self, size: int) -> Optional[bytes]:
+        """Up to ``size`` bytes available now (b"": the peer closed), or None if none are."""
+        try:
+            return self.sock.recv(size)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except ssl.SSLZeroReturnError:
+            return b""
+
+    def recv_into(self, view: memoryview) -> Optional[int]:
+        """Bytes read now into ``view`` (0: the peer closed), or None if none are available."""
+        try:
+            return self.sock.recv_into(view)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except ssl.SSLZeroReturnError:
+            return 0
+
+    def buffered(self) -> bool:
+        """TLS may hold decrypted bytes the socket no longer signals as readable."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _writable_now(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), WRITABLE)
+    return bool(poller.poll(0))
+
+
+def _connect_code(error: int) -> object:
+    if error == errno.ECONNREFUSED:
+        return "connection-refused"
+    if error in (errno.ETIMEDOUT,):
+        return "connection-timeout"
+    if error in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+        return "destination-unavailable"
+    return ("internal-error", f"connect: {errno.errorcode.get(error, error)}")
+
+
+class Pool:
+    """Idle keep-alive connections per origin, shared by a worker's threads."""
+
+    def __init__(self, idle_per_origin: int = IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.idle_per_origin = idle_per_origin
+        self.idle_timeout = idle_timeout
+        self._idle: dict[Origin, list[tuple[UpstreamConnection, float]]] = {}
+        self._lock = threading.Lock()
+        self._tls: Optional[ssl.SSLContext] = None
+        self.opened = 0  # connections opened by this worker, ever
+
+    def connect(self, origin: Origin) -> UpstreamConnection:
+        """A pooled connection to ``origin`` if a live one is idle, else a new one (connecting)."""
+        return self._checkout(origin) or self.connect_new(origin)
+
+    def connect_new(self, origin: Origin) -> UpstreamConnection:
+        """A new connection to ``origin`` (its connect under way)."""
+        try:
+            addresses = socket.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ConnectFailed(DNS_ERROR, f"resolving {origin.host}: {exc}") from None
+        conn = UpstreamConnection(origin, addresses, self._tls_context() if origin.scheme == "https" else None)
+        self.opened += 1
+        return conn
+
+    def _checkout(self, origin: Origin) -> Optional[UpstreamConnection]:
+        cutoff = time.monotonic() - self.idle_timeout
+        while True:
+            with self._lock:
+                idle = self._idle.get(origin)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            # A pooled socket that is readable has been closed by the upstream (or sent junk).
+            if since < cutoff or _readable_now(conn) or conn.buffered():
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep a connection whose exchange ended cleanly, for the next request to its origin."""
+        with self._lock:
+            idle = self._idle.setdefault(conn.origin, [])
+            if len(idle) < self.idle_per_origin:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def sweep(self) -> None:
+        """Close connections idle for longer than the idle timeout."""
+        cutoff = time.monotonic() - self.idle_timeout
+        expired = []
+        with self._lock:
+            for origin, idle in self._idle.items():
+                expired += [conn for conn, since in idle if since < cutoff]
+                idle[:] = [(conn, since) for conn, since in idle if since >= cutoff]
+        for conn in expired:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+
+def _readable_now(conn: UpstreamConnection) -> bool:
+    poller = select.poll()
+    poller.register(conn.fileno(), READABLE)
+    return bool(poller.poll(0))
