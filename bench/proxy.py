@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     with nginx(FILES) as upstream:
         if args.sustain:
             print_table(f"Sustained proxying, 1 KiB through wasisup -w {args.workers} --threads "
-                        f"{args.threads} (wrk -t2 -c16, {args.sustain:g}s)",
+                        f"{args.threads}, instance reuse ({REUSE}) (wrk -t2 -c16, {args.sustain:g}s)",
                         ("measure", "value"),
                         sustain(proxy, upstream, args.sustain, args.workers, args.threads))
             return
