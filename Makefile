@@ -31,3 +31,4 @@ test-deploy: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/proxy.py

@@ -1,0 +1,148 @@
+"""The proxy path: wasisup vs `wasmtime serve` running the reference guest in front of nginx.
+
+    python bench/proxy.py [--seconds 5] [--workers 2] [--threads 4]
+    python bench/proxy.py --sustain 60
+
+One run starts its own upstream (nginx on loopback, keep-alive on; bench/upstream.py) and
+serves guest/proxy with ``UPSTREAM`` pointing at it, first from wasisup, then from
+`wasmtime serve`. Each case is warmed up, then loaded with wrk; the table gives req/s (MB/s
+for 1 MiB), the ratio, errors (wrk socket errors + non-2xx answers) and the upstream
+connections each server opened per 1,000 requests, from nginx's own count.
+
+``--sustain SECONDS`` proxies 1 KiB at full rate through wasisup alone, and compares the
+upstream connections it opened (from start-up on) with the bound 4 x workers x threads:
+pooled outbound connections should make that a handful, however long the run.
+
+This machine is noisy: compare the ratio column, not absolute numbers between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from harness import (ROOT, Load, build, print_table, run_cleanly, wasisup, wasmtime_serve,
+                     warmed_up, wrk)
+from upstream import Nginx, nginx
+
+FILES = {"1k": 1024, "1m": 1024 * 1024}
+REUSE = 1000
+CONNECTIONS_PER_THREAD = 4
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    guest: str
+    path: str
+    reuse: int
+    column: str  # the Load field reported: "rps" or "mbps"
+
+
+CASES = (
+    Case("proxy 1 KiB, fresh instance per request, req/s", "proxy", "/1k", 1, "rps"),
+    Case(f"proxy 1 KiB, instance reuse ({REUSE}), req/s", "proxy", "/1k", REUSE, "rps"),
+    Case(f"proxy 1 MiB, instance reuse ({REUSE}), MB/s", "proxy", "/1m", REUSE, "mbps"),
+    Case(f"hello guest (16 bytes), instance reuse ({REUSE}), req/s", "hello", "/", REUSE, "rps"),
+)
+
+
+def _measure(command: Callable[[int], list[str]], path: str, seconds: float,
+             upstream: Nginx) -> tuple[Load, int]:
+    """The load, and the upstream connections opened under it (after the warm-up)."""
+    with warmed_up(command, path) as url:
+        before = upstream.connections_accepted()
+        load = wrk(url, seconds)
+        return load, upstream.connections_accepted() - before
+
+
+def _per_1k(opened: int, load: Load) -> str:
+    return f"{opened * 1000 / load.requests:,.1f}" if load.requests else "-"
+
+
+def compare(guests: dict[str, Path], upstream: Nginx, seconds: float, workers: int,
+            threads: int) -> list[tuple[str, ...]]:
+    """One row per case: wasisup and `wasmtime serve` side by side."""
+    env = {"UPSTREAM": upstream.url}
+    rows = []
+    for case in CASES:
+        wasm = guests[case.guest]
+        (mine, mine_opened), (theirs, theirs_opened) = (
+            _measure(command, case.path, seconds, upstream) for command in (
+                partial(wasisup, wasm=wasm, workers=workers, threads=threads, reuse=case.reuse,
+                        env=env),
+                partial(wasmtime_serve, wasm=wasm, reuse=case.reuse, env=env)))
+        mine_value, theirs_value = getattr(mine, case.column), getattr(theirs, case.column)
+        proxied = case.guest == "proxy"
+        rows.append((case.label, f"{mine_value:,.0f}", f"{theirs_value:,.0f}",
+                     f"{mine_value / theirs_value:.2f}x" if theirs_value else "-",
+                     f"{mine.errors} / {theirs.errors}",
+                     f"{_per_1k(mine_opened, mine)} / {_per_1k(theirs_opened, theirs)}"
+                     if proxied else "n/a"))
+    return rows
+
+
+def sustain(proxy: Path, upstream: Nginx, seconds: float, workers: int,
+            threads: int) -> list[tuple[str, str]]:
+    """Proxy 1 KiB at full rate through wasisup; count what went wrong and what it opened."""
+    bound = CONNECTIONS_PER_THREAD * workers * threads
+    before = upstream.connections_accepted()
+    command = partial(wasisup, wasm=proxy, workers=workers, threads=threads, reuse=REUSE,
+                      env={"UPSTREAM": upstream.url})
+    with warmed_up(command, "/1k") as url:
+        load = wrk(url, seconds)
+        opened = upstream.connections_accepted() - before
+    return [
+        ("requests", f"{load.requests:,}"),
+        ("req/s", f"{load.rps:,.0f}"),
+        ("wrk socket errors", f"{load.socket_errors:,}"),
+        ("non-2xx answers", f"{load.non_2xx:,}"),
+        ("upstream connections opened (warm-up included)", f"{opened:,}"),
+        (f"bound: {CONNECTIONS_PER_THREAD} x {workers} workers x {threads} threads", f"{bound:,}"),
+        ("verdict", "ok" if opened < bound and not load.errors else "FAIL"),
+    ]
+
+
+def run(args: argparse.Namespace) -> None:
+    proxy = build(ROOT / "guest" / "proxy")
+    with nginx(FILES) as upstream:
+        if args.sustain:
+            print_table(f"Sustained proxying, 1 KiB through wasisup -w {args.workers} --threads "
+                        f"{args.threads}, instance reuse ({REUSE}) (wrk -t2 -c16, {args.sustain:g}s)",
+                        ("measure", "value"),
+                        sustain(proxy, upstream, args.sustain, args.workers, args.threads))
+            return
+        guests = {"proxy": proxy, "hello": build(ROOT / "tests" / "guests" / "hello")}
+        print_table(f"Proxy path on {os.cpu_count()} cores, upstream nginx on loopback "
+                    f"(wrk -t2 -c16, {args.seconds:g}s per case; wasisup -w {args.workers} "
+                    f"--threads {args.threads})",
+                    ("case", "wasisup", "wasmtime serve", "ratio", "errors (wasisup / wasmtime)",
+                     "upstream conns per 1k requests (wasisup / wasmtime)"),
+                    compare(guests, upstream, args.seconds, args.workers, args.threads))
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5, help="wrk duration per case")
+    parser.add_argument("--workers", type=_at_least_one, default=os.cpu_count() or 1,
+                        help="wasisup -w (default: one per core)")
+    parser.add_argument("--threads", type=_at_least_one, default=4, help="wasisup --threads")
+    parser.add_argument("--sustain", type=float, metavar="SECONDS",
+                        help="only proxy 1 KiB through wasisup for this long, and check the "
+                             "upstream connections it opened")
+    args = parser.parse_args()
+    run_cleanly(partial(run, args))
+
+
+if __name__ == "__main__":
+    main()
