@@ -102,6 +102,7 @@ def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     key = hashlib.sha256(f"{digest}|wasmtime-py {WASMTIME_VERSION}|{ENGINE_SETTINGS}".encode())
     out = (cache_dir or default_cache_dir()) / f"{path.stem}-{key.hexdigest()[:32]}.cwasm"
     if out.exists():
+        _child("check", str(out))  # links against this host, whichever wrote the cache
         return Prepared(out, digest, 0.0)
     started = time.monotonic()
     _child("compile", str(path), "-o", str(out))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +21,9 @@ from .http.client import OutboundClient
 from .http.handler import GuestHandler
 from .http.connection import Limits
 from .http.server import Server
+from .compile import CompileError
 from .runtime import Runtime
+from .wasi.linker import LinkError
 
 
 class WasmWorker(Worker):
@@ -43,10 +46,15 @@ class WasmWorker(Worker):
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
         outbound = OutboundClient(allow=tuple(cfg.allow_outbound))
-        runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
-                          max_instance_reuse=cfg.max_instance_reuse,
-                          request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,
-                          metrics=stats)
+        try:
+            runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
+                              max_instance_reuse=cfg.max_instance_reuse,
+                              request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,
+                              metrics=stats)
+        except (CompileError, LinkError) as exc:
+            # The master checked the component; if it still fails here, respawning won't help.
+            self.log.error("cannot load the component: %s", exc)
+            sys.exit(self.WORKER_BOOT_ERROR)
         limits = Limits(request_line=cfg.limit_request_line, request_fields=cfg.limit_request_fields,
                         request_field_size=cfg.limit_request_field_size,
                         request_body=cfg.limit_request_body, keep_alive=cfg.keepalive,

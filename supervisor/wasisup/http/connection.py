@@ -8,12 +8,15 @@ the response through it; whatever the client has not taken when the guest is don
 from __future__ import annotations
 
 import email.utils
+import fcntl
 import re
 import socket
+import struct
+import termios
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import h11
 
@@ -55,29 +58,35 @@ class ClientGone(Exception):
 
 
 class MinDataRate:
-    """While we wait on a client, it must move ``rate × grace`` bytes within ``grace`` seconds
-    (Kestrel's minimum data rate): a slow sender or reader cannot hold a request thread."""
+    """While we wait on a client, it must move ``rate × grace`` bytes within every ``grace``
+    seconds (Kestrel's minimum data rate), so a slow sender or reader cannot hold a request
+    thread. ``progress`` counts the bytes the client has moved so far."""
 
-    def __init__(self, rate: float, grace: float) -> None:
+    def __init__(self, rate: float, grace: float, progress: Callable[[], int]) -> None:
         self.quota = rate * grace
         self.grace = grace
+        self.progress = progress
         self._window: Optional[float] = None  # when the current window started
-        self._moved = 0
+        self._base = 0  # progress then
 
     def waiting(self, now: float) -> None:
         """We wait on the client from now, unless a window is already running."""
-        if self._window is None:
-            self._window, self._moved = now, 0
-
-    def moved(self, count: int, now: float) -> None:
-        self._moved += count
-        if self._window is not None and self._moved >= self.quota:
-            self._window, self._moved = now, 0
+        if self._window is None and self.quota:
+            self._window, self._base = now, self.progress()
 
     def deadline(self) -> Optional[float]:
-        if self._window is None or not self.quota:
-            return None
-        return self._window + self.grace
+        return None if self._window is None else self._window + self.grace
+
+    def expired(self, now: float) -> bool:
+        """Has the client moved too little in the window that ended? (If it moved enough, a
+        new window starts.)"""
+        if self._window is None or now <= self._window + self.grace:
+            return False
+        moved = self.progress()
+        if moved - self._base < self.quota:
+            return True
+        self._window, self._base = now, moved
+        return False
 
     def reset(self) -> None:
         self._window = None
@@ -100,14 +109,17 @@ class Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.state = "head"
         self.out = bytearray()
-        self.must_close = False
+        self.must_close = False  # the next response announces `Connection: close`
+        self.broken = False  # close after this response: its framing can't be trusted
         self.requests = 0  # answered on this connection
         self.request: Optional[h11.Request] = None  # the head a request thread is to serve
         now = time.monotonic()
         self.head_started: Optional[float] = now  # a new connection's head is due from accept
         self.idle_since = now
-        self.reading = MinDataRate(limits.min_data_rate, limits.data_rate_grace)
-        self.writing = MinDataRate(limits.min_data_rate, limits.data_rate_grace)
+        self.received = 0  # bytes read from the client
+        self.sent = 0  # bytes the socket accepted from us
+        self.reading = MinDataRate(limits.min_data_rate, limits.data_rate_grace, lambda: self.received)
+        self.writing = MinDataRate(limits.min_data_rate, limits.data_rate_grace, self.delivered)
         self._head = bytearray()  # the raw bytes of the head being read
 
     # -- reading
@@ -120,6 +132,7 @@ class Connection:
             return None
         except OSError:
             data = b""
+        self.received += len(data)
         if self.h11.their_state is h11.IDLE:
             self._head += data
         self.h11.receive_data(data)
@@ -210,8 +223,17 @@ class Connection:
             sent = self.sock.sendmsg(buffers)
         except (BlockingIOError, InterruptedError):
             return 0
-        self.writing.moved(sent, time.monotonic())
+        self.sent += sent
         return sent
+
+    def delivered(self) -> int:
+        """Bytes the client has acknowledged: what the socket accepted minus what its send
+        queue still holds (bytes merely queued in our kernel are no sign of a reader)."""
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            queued = 0
+        return self.sent - queued
 
     def flush(self) -> bool:
         """Send what the socket takes now; True once nothing is left. OSError if it broke."""
@@ -232,13 +254,13 @@ class Connection:
 
     def send_error(self, status: int, reason: str) -> None:
         """A plain-text error response, then close: the request's framing can't be trusted."""
-        self.must_close = True
+        self.broken = True
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE, h11.ERROR):
             self.out += raw_error(status, f"{reason}\n".encode())
 
     def finish_cycle(self) -> bool:
         """After a response: is the connection ready for the next request?"""
-        if self.must_close or self.h11.our_state is not h11.DONE:
+        if self.broken or self.h11.our_state is not h11.DONE:
             return False
         try:
             while self.h11.their_state is h11.SEND_BODY:  # body the guest left unread

@@ -74,7 +74,6 @@ class ClientBody:
                     return
             elif isinstance(event, h11.Data):
                 self.received += len(event.data)
-                conn.reading.moved(len(event.data), time.monotonic())
                 if self.limit and self.received > self.limit:
                     self._fail(413, "request body too large",
                                ("HTTP-request-body-size", self.received))
@@ -88,18 +87,17 @@ class ClientBody:
                            "client closed the connection before the body ended")
 
     def _check_rate(self) -> None:
-        deadline = self.conn.reading.deadline()
-        if deadline is not None and time.monotonic() > deadline:
+        if self.conn.reading.expired(time.monotonic()):
             self._fail(408, "the request body arrived too slowly", "HTTP-request-body-size")
 
     def _flush(self) -> None:
         try:
             self.conn.flush()
         except OSError:
-            self.conn.must_close = True
+            self.conn.broken = True
 
     def _fail(self, status: int, reason: str, code: Any, message: str = "") -> None:
-        self.conn.must_close = True
+        self.conn.broken = True
         if status:
             self.fault = (status, reason)
         self._error = IoError(message or reason, code)
@@ -151,6 +149,7 @@ class ResponseWriter:
         self.state = "pending"  # -> "streaming" -> "done" | "aborted"
         self.status = 0
         self.chunked = False
+        self.client_gone = False  # the client stopped taking the response
 
     # -- the response-outparam callback
     def deliver(self, outcome: Any) -> None:
@@ -203,11 +202,10 @@ class ResponseWriter:
         return None if deadline is None else int(deadline * 1e9)
 
     def _too_slow(self) -> bool:
-        deadline = self.conn.writing.deadline()
-        if deadline is None or time.monotonic() <= deadline:
+        if not self.conn.writing.expired(time.monotonic()):
             return False
         log.info("cutting off %s: it reads the response too slowly", _peer(self.conn))
-        self.abort()
+        self._client_gone()
         self.conn.out.clear()
         return True
 
@@ -228,8 +226,8 @@ class ResponseWriter:
             return
         try:
             self.conn.send(h11.Data(data=data))
-        except (OSError, h11.LocalProtocolError) as exc:
-            self.abort()
+        except OSError as exc:
+            self._client_gone()
             raise StreamFailed(IoError(f"sending the response failed: {exc}",
                                        "connection-terminated")) from None
 
@@ -240,7 +238,9 @@ class ResponseWriter:
         try:
             self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []))
             self.state = "done"
-        except (OSError, h11.LocalProtocolError):
+        except OSError:
+            self._client_gone()
+        except h11.LocalProtocolError:  # e.g. fewer bytes than the guest's content-length
             self.abort()
 
     def flush(self) -> None:
@@ -248,14 +248,18 @@ class ResponseWriter:
         try:
             self.conn.flush()
         except OSError:
-            self.abort()
+            self._client_gone()
+
+    def _client_gone(self) -> None:
+        self.client_gone = True
+        self.abort()
 
     def abort(self) -> None:
         """End the response short: the client gets what was written, then the connection
         closes, so it sees an incomplete body."""
         if self.state in ("streaming", "pending"):
             self.state = "aborted"
-            self.conn.must_close = True
+            self.conn.broken = True
 
     # -- what the handler does when the guest is done
     def send_error(self, status: int, message: str) -> None:
@@ -381,8 +385,11 @@ class GuestHandler:
 
     @staticmethod
     def _client_at_fault(body: ClientBody, writer: "ResponseWriter") -> bool:
-        """A body the client got wrong (or too slowly) is answered 400/408/413, whatever the
-        guest made of it."""
+        """A body the client got wrong (or sent too slowly) is answered 400/408/413, whatever
+        the guest made of it; a client that stopped reading the response gets nothing more.
+        Either way the guest's failure is not the guest's."""
+        if writer.client_gone:
+            return True
         if body.fault is None:
             return False
         writer.send_error(*body.fault)

@@ -63,10 +63,6 @@ class Server:
         self._stopping = False
         self._drain_deadline = 0.0
 
-    @property
-    def in_flight(self) -> int:
-        return self._busy
-
     def stop(self) -> None:
         """Stop accepting; answer what is on open connections; then return from ``serve``
         (safe from a signal handler or another thread)."""
@@ -83,6 +79,12 @@ class Server:
     def serve(self, graceful_timeout: float = 30.0) -> None:
         for sock in self.listeners.values():
             sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # The kernel holds a connection until its first bytes arrive: a client that
+                # connects and says nothing costs no slot, and one that does is accepted with
+                # its head, so a worker knows at once that a thread is taken.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                                max(1, int(self.limits.header_timeout)))
         self._epoll.register(self._wake_r, IN)
         self._set_accepting(True)
         workers = [threading.Thread(target=self._work, name=f"wasisup-req-{i}", daemon=True)
@@ -202,7 +204,7 @@ class Server:
         if not done:
             conn.writing.waiting(time.monotonic())
             self._arm(conn, OUT)
-        elif conn.must_close or not conn.finish_cycle():
+        elif not conn.finish_cycle():
             self._start_linger(conn)
         else:
             self._await_next(conn)
@@ -262,8 +264,7 @@ class Server:
                 elif now - conn.idle_since > self.limits.keep_alive:
                     self._close(conn)
             elif state == "flush":
-                deadline = conn.writing.deadline()
-                if deadline is not None and now > deadline:
+                if conn.writing.expired(now):
                     self._close(conn)
             elif state == "linger":
                 if now - conn.idle_since > LINGER_TIME:
@@ -303,7 +304,7 @@ class Server:
             except OSError:
                 self._close(conn)
                 return
-            keep = not conn.must_close and done and conn.finish_cycle()
+            keep = done and conn.finish_cycle()
             if not done:
                 self._finish(conn, keep=None)
                 return

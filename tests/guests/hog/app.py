@@ -1,4 +1,5 @@
-"""Misbehaves on demand: /spin loops forever, /alloc?mb=N grows memory by N MiB."""
+"""Misbehaves on demand: /spin loops forever, /alloc?mb=N grows memory by N MiB, /work?n=N
+computes for a while (N loop iterations of pure wasm, no host calls)."""
 
 from urllib.parse import parse_qs, urlsplit
 
@@ -15,6 +16,10 @@ class IncomingHandler(exports.IncomingHandler):
         if url.path == "/spin":
             while True:
                 pass
+        if url.path == "/work":
+            total = 0
+            for i in range(int(parse_qs(url.query).get("n", ["1000000"])[0])):
+                total += i * i % 7
         if url.path == "/alloc":
             megabytes = int(parse_qs(url.query).get("mb", ["1"])[0])
             _kept.append(bytearray(megabytes * 1024 * 1024))

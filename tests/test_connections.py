@@ -1,0 +1,275 @@
+"""Connections under pressure, with real worker processes and default settings: slow clients
+hold no request thread, connections spread over workers, and a graceful stop or a reload
+loses no request that reached a worker."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from conftest import guest
+from test_supervisor import wait_until, workers
+
+
+def timed_get(port: int, path: str = "/", timeout: float = 3.0) -> float:
+    """Seconds one request on a new connection took; raises if it failed or took too long."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+    finally:
+        conn.close()
+    return time.monotonic() - started
+
+
+def normal_requests(port: int, count: int, spacing: float, path: str = "/") -> list:
+    """``count`` requests a ``spacing`` apart: each one's duration, or the error it got."""
+    outcomes = []
+    for _ in range(count):
+        try:
+            outcomes.append(timed_get(port, path))
+        except Exception as exc:  # what these tests count
+            outcomes.append(repr(exc))
+        time.sleep(spacing)
+    return outcomes
+
+
+def test_slowloris_holds_no_thread(serve):
+    server = serve("hello", "-w", "2")
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    attackers = []
+    for _ in range(200):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(head[:1])
+        attackers.append(sock)
+    stop = threading.Event()
+
+    def drip() -> None:  # one more byte of the head every 2 s, on every connection
+        sent = 1
+        while not stop.wait(2):
+            for sock in attackers:
+                try:
+                    sock.sendall(head[sent:sent + 1])
+                except OSError:
+                    pass
+            sent += 1
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        outcomes = normal_requests(server.port, 20, 0.2)
+    finally:
+        stop.set()
+        dripper.join()
+        for sock in attackers:
+            sock.close()
+    assert all(isinstance(o, float) and o < 3 for o in outcomes), outcomes
+
+
+def test_header_timeout_answers_408(serve):
+    server = serve("hello", "--header-timeout", "1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408 ") and 0.9 < time.monotonic() - started < 5
+
+
+class SlowReader(threading.Thread):
+    """Downloads a large response at about 100 bytes a second."""
+
+    def __init__(self, port: int, path: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.path = port, path
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            sock.connect(("127.0.0.1", self.port))
+            sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            while not self.stop.wait(1) and sock.recv(100):
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def test_slow_readers_are_cut_off(serve):
+    server = serve("stream", "-w", "2")
+    readers = [SlowReader(server.port, "/download?size=67108864") for _ in range(16)]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(10)
+        outcomes = normal_requests(server.port, 20, 0.2, "/download?size=100")
+    finally:
+        for reader in readers:
+            reader.stop.set()
+    assert all(isinstance(o, float) and o < 3 for o in outcomes), outcomes
+
+
+def test_slow_request_body_gets_408(serve):
+    server = serve("stream")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        started = time.monotonic()
+        reply = b""
+        try:
+            while not reply:
+                sock.sendall(b"x" * 10)
+                time.sleep(0.5)
+                sock.setblocking(False)
+                try:
+                    reply = sock.recv(4096)
+                except BlockingIOError:
+                    pass
+                sock.setblocking(True)
+        except OSError:
+            pass
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert time.monotonic() - started < 15
+
+
+def connection_owner(master: int, client: socket.socket) -> int:
+    """The worker holding the server end of ``client``'s connection."""
+    port = client.getsockname()[1]
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port:  # the remote end is the client
+                inodes.add(fields[9])
+    for pid in workers(master):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return pid
+    raise AssertionError(f"no worker holds the connection from port {port}")
+
+
+def test_a_busy_worker_leaves_new_connections_to_the_others(serve):
+    server = serve("hog", "-w", "2", "--threads", "1")
+    master = server.proc.pid
+    wait_until(lambda: len(workers(master)) == 2, what="2 workers")
+    for _ in range(5):
+        clients = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(2)]
+        for client in clients:
+            client.request("GET", "/work?n=3000000")
+            time.sleep(0.1)
+        owners = {connection_owner(master, client.sock) for client in clients}
+        for client in clients:
+            assert client.getresponse().read() == b"done\n"
+            client.close()
+        assert len(owners) == 2, "both connections went to one worker"
+
+
+class KeepAliveClients:
+    """Clients on kept-alive connections, a request every 20 ms, until stopped. A request
+    sent on an open connection that gets no answer is lost; a new connection refused after
+    the server closed its listener is not."""
+
+    def __init__(self, port: int, count: int = 8) -> None:
+        self.port = port
+        self.answers: list[bytes] = []
+        self.lost: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while not self._stop.is_set():
+            fresh = conn.sock is None
+            if conn.sock is None:
+                try:
+                    conn.connect()
+                except OSError:
+                    return  # refused: the server stopped listening
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    self.lost.append(f"status {response.status}")
+                self.answers.append(body)
+            except Exception as exc:
+                self.lost.append(f"{exc!r} fresh={fresh} t={time.monotonic():.3f}")
+                conn.close()
+            time.sleep(0.02)
+        conn.close()
+
+    def __enter__(self) -> "KeepAliveClients":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_term_under_keep_alive_load_loses_nothing(serve):
+    server = serve("hello", "-w", "2")
+    with KeepAliveClients(server.port) as clients:
+        time.sleep(1.5)
+        server.send_signal(signal.SIGTERM)
+        assert server.proc.wait(40) == 0
+    assert len(clients.answers) > 50
+    assert not clients.lost, clients.lost
+
+
+def test_hup_swap_under_keep_alive_load_loses_nothing(serve, tmp_path: Path):
+    served = tmp_path / "app.wasm"
+    shutil.copyfile(guest("hello"), served)
+    server = serve(served, "-w", "2")
+    with KeepAliveClients(server.port) as clients:
+        time.sleep(1)
+        staged = tmp_path / "staged.wasm"
+        shutil.copyfile(guest("hello-js"), staged)
+        os.replace(staged, served)
+        server.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(body.startswith(b"hello from js") for body in clients.answers[-8:]),
+                   timeout=60, what="answers from the new component")
+        time.sleep(2)
+    assert not clients.lost, clients.lost
+
+
+def test_term_serves_connections_waiting_in_the_backlog(serve):
+    server = serve("hog", "--threads", "1")
+    outcomes: list = []
+
+    def get(path: str) -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request("GET", path)
+            outcomes.append(conn.getresponse().read())
+        except Exception as exc:
+            outcomes.append(repr(exc))
+
+    busy = threading.Thread(target=get, args=("/work?n=3000000",))
+    busy.start()
+    time.sleep(0.3)
+    waiting = [threading.Thread(target=get, args=("/",)) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.3)  # the worker's one thread is busy: these wait in the backlog
+    server.send_signal(signal.SIGTERM)
+    for thread in [busy, *waiting]:
+        thread.join(30)
+    assert outcomes == [b"done\n"] * 4, outcomes
+    assert server.proc.wait(30) == 0
