@@ -238,9 +238,9 @@ class Exchange:
                 return
             if event is h11.NEED_DATA:
                 if not self._receive():
-                    if time.monotonic_ns() - self._connected_at > self._first_byte_ns:
+                    if self._connected_at and time.monotonic_ns() - self._connected_at > self._first_byte_ns:
                         self.fail("connection-read-timeout")
-                    return
+                    return  # (or a replay on a new connection started)
             elif isinstance(event, h11.InformationalResponse):
                 continue
             elif isinstance(event, h11.Response):

@@ -1,0 +1,180 @@
+"""The guests' outbound HTTP: a keep-alive pool per worker, stale connections, upstreams that
+break off, and the guest's timeouts on a pooled connection — against real upstream sockets."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+
+import h11
+import pytest
+
+
+class ScriptedUpstream:
+    """An HTTP/1.1 server on loopback whose every connection runs ``script(index, requests)``:
+    ``requests`` yields each request (method, target) as it arrives and ``script`` answers with
+    ``answer``; returning closes the connection. It counts connections and requests."""
+
+    def __init__(self, script: Callable[["Exchange"], None]) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[tuple[int, str]] = []  # (connection index, target)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(Exchange(self, sock, self.connections),),
+                             daemon=True).start()
+
+    def _serve(self, exchange: "Exchange") -> None:
+        try:
+            self.script(exchange)
+        except OSError:
+            pass
+        finally:
+            exchange.sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class Exchange:
+    """One upstream connection, as a script sees it."""
+
+    def __init__(self, upstream: ScriptedUpstream, sock: socket.socket, index: int) -> None:
+        self.upstream, self.sock, self.index = upstream, sock, index
+        self.h11 = h11.Connection(h11.SERVER)
+
+    def requests(self) -> Iterator[str]:
+        """Each request's target, once its body has arrived; ends when the client closes."""
+        while True:
+            if self.h11.our_state is h11.DONE:
+                self.h11.start_next_cycle()
+            target = None
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    data = self.sock.recv(65536)
+                    self.h11.receive_data(data)
+                    if not data and target is None:
+                        return
+                elif isinstance(event, h11.Request):
+                    target = event.target.decode()
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+            self.upstream.requests.append((self.index, target))
+            yield target
+
+    def answer(self, body: bytes = b"ok", declared: int | None = None) -> None:
+        """A 200 with ``body``; ``declared`` announces another content-length (a short body)."""
+        head = self.h11.send(h11.Response(status_code=200, headers=[
+            ("content-length", str(len(body) if declared is None else declared))]))
+        self.sock.sendall(head + body)
+        if declared is None:
+            self.h11.send(h11.Data(data=body))
+            self.h11.send(h11.EndOfMessage())
+
+
+def answer_all(exchange: Exchange) -> None:
+    for target in exchange.requests():
+        if target.startswith("/slow"):
+            time.sleep(7)
+        exchange.answer(b"ok " + target.encode())
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[[Callable[[Exchange], None]], ScriptedUpstream]]:
+    made: list[ScriptedUpstream] = []
+
+    def make(script: Callable[[Exchange], None]) -> ScriptedUpstream:
+        made.append(ScriptedUpstream(script))
+        return made[-1]
+
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+def test_sequential_requests_share_one_upstream_connection(serve, upstreams):
+    upstream = upstreams(answer_all)
+    server = serve("proxy", "--threads", "1", "--max-instance-reuse", "100",
+                   "--env", f"UPSTREAM={upstream.url}")
+    for i in range(20):
+        status, headers, body = server.request("GET", f"/item/{i}")
+        assert (status, body) == (200, f"ok /item/{i}".encode())
+    assert upstream.connections == 1
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_used(serve, upstreams):
+    def close_when_idle(exchange: Exchange) -> None:
+        for target in exchange.requests():
+            exchange.answer(b"ok " + target.encode())
+            exchange.sock.settimeout(0.3)  # then close the idle connection, like a keep-alive timeout
+    upstream = upstreams(close_when_idle)
+    server = serve("proxy", "--threads", "1", "--env", f"UPSTREAM={upstream.url}")
+    assert server.request("GET", "/one")[2] == b"ok /one"
+    time.sleep(0.8)
+    assert server.request("GET", "/two")[2] == b"ok /two"
+    assert upstream.connections == 2
+
+
+def test_a_request_on_a_connection_closed_under_it_is_sent_again(serve, upstreams):
+    def answer_one_then_drop(exchange: Exchange) -> None:
+        for count, target in enumerate(exchange.requests()):
+            if count == 1:
+                return  # the second request gets no answer: the connection just closes
+            exchange.answer(b"ok " + target.encode())
+    upstream = upstreams(answer_one_then_drop)
+    server = serve("proxy", "--threads", "1", "--env", f"UPSTREAM={upstream.url}")
+    assert server.request("GET", "/one")[2] == b"ok /one"
+    assert server.request("GET", "/two")[2] == b"ok /two"
+    assert [target for _, target in upstream.requests] == ["/one", "/two", "/two"]
+    assert upstream.connections == 2
+
+
+def test_an_upstream_that_closes_mid_body_cuts_the_response(serve, upstreams):
+    def short_body(exchange: Exchange) -> None:
+        for target in exchange.requests():
+            if target == "/short":
+                exchange.answer(b"x" * 500, declared=1000)
+                return
+            exchange.answer(b"fine")
+    upstream = upstreams(short_body)
+    server = serve("proxy", "--threads", "1", "--env", f"UPSTREAM={upstream.url}")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/short")
+    response = conn.getresponse()
+    assert response.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        response.read()
+    conn.close()
+    assert server.request("GET", "/after")[2] == b"fine"
+
+
+def test_first_byte_timeout_on_a_pooled_connection(serve, upstreams):
+    upstream = upstreams(answer_all)
+    server = serve("outbound", "--threads", "1")
+    assert server.request("GET", f"/?url={upstream.url}/fast")[2] == b"upstream 200\nok /fast"
+    started = time.monotonic()
+    status, _, body = server.request("GET", f"/?url={upstream.url}/slow")
+    assert (status, body) == (502, b"outbound error: connection-read-timeout\n")
+    assert 4.5 < time.monotonic() - started < 7
+    assert server.request("GET", f"/?url={upstream.url}/again")[2] == b"upstream 200\nok /again"
+    # the timed-out connection was dropped, the first one reused
+    assert upstream.connections == 2
