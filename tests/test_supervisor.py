@@ -290,3 +290,50 @@ def test_usr1_reopens_the_access_log(serve, tmp_path):
     assert server.request("GET", "/after")[0] == 200
     wait_until(lambda: "/after" in access_log.read_text(), what="a line in the new log")
     assert "/after" not in rotated.read_text()
+
+
+def test_a_guest_loop_is_interrupted_after_the_worker_timeout(serve):
+    # --compute-timeout defaults to --timeout: every thread spinning, then served again.
+    server = serve("hog", "--timeout", "3")
+    outcomes: list = []
+    spinners = [threading.Thread(target=lambda: outcomes.append(_quietly(server.request, "GET", "/spin")))
+                for _ in range(4)]
+    for thread in spinners:
+        thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert server.request("GET", "/", timeout=30)[0] == 200
+    assert time.monotonic() - started < 10
+    for thread in spinners:
+        thread.join(30)
+    assert [o[0] for o in outcomes] == [504] * 4, outcomes
+    assert "computed for 3 s without waiting for I/O" in server.log()
+
+
+def test_a_guest_waiting_on_io_is_not_a_guest_loop(serve, upstream):
+    server = serve("proxy", "--compute-timeout", "1", "--env", f"UPSTREAM={upstream}")
+    status, _, body = server.request("GET", "/slow?seconds=3")
+    assert status == 200 and b'"path": "/slow?seconds=3"' in body
+
+
+def test_no_worker_outlives_its_master(serve):
+    server = serve("hog", "-w", "2")
+    master = server.proc.pid
+    pids = wait_until(lambda: len(workers(master)) == 2 and workers(master), what="2 workers")
+    spinners = [threading.Thread(target=_quietly, args=(server.request, "GET", "/spin"), daemon=True)
+                for _ in range(8)]
+    for thread in spinners:
+        thread.start()
+    time.sleep(0.5)
+    server.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    server.send_signal(signal.SIGKILL)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and "wasisup" in title(pid)
+                               for pid in pids), timeout=10, what="the workers to exit")
+
+
+def test_heartbeat_files_live_in_dev_shm(serve):
+    server = serve("hello")
+    worker = wait_until(lambda: workers(server.proc.pid), what="a worker")[0]
+    targets = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
+    assert any(target.startswith("/dev/shm/") for target in targets), targets

@@ -101,6 +101,9 @@ class WasiApplication(BaseApplication):
         # off (it writes to $HOME, which is read-only in a hardened container).
         self.cfg.set("threads", 4)
         self.cfg.set("control_socket_disable", True)
+        # Heartbeat files in memory: a /tmp on disk can stall them (gunicorn #1194).
+        if os.path.isdir("/dev/shm"):
+            self.cfg.set("worker_tmp_dir", "/dev/shm")
 
     def load_config(self) -> None:
         cfg = self.cfg

@@ -2,6 +2,12 @@
 
 Each request runs ``wasi:http/incoming-handler.handle`` in a Store: a fresh one by default,
 or one reused for up to ``max_instance_reuse`` requests. Wasm runs with the GIL released.
+Instances come from wasmtime's pooling allocator (copy-on-write memory images), as in
+`wasmtime serve`, and a request thread prepares its next one while it waits for work.
+
+Two limits interrupt wasm (epoch interruption): the request's deadline (``request_timeout``),
+and ``compute_timeout``, the longest a guest may run without waiting for I/O — a guest stuck
+in a loop gets a 504, a guest streaming a long download keeps going.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
-from wasmtime import Engine, Store, WasmtimeError
+from wasmtime import Config, Engine, Store, WasmtimeError
 from wasmtime import _ffi as ffi
 from wasmtime.component import Linker
 
@@ -27,8 +33,14 @@ from .wasi.linker import LinkError, link
 log = logging.getLogger("wasisup.runtime")
 
 HANDLER_INTERFACE = "wasi:http/incoming-handler"
-NO_DEADLINE = 1 << 62
-EPOCH_TICK = 0.01  # seconds per engine epoch: the resolution of request deadlines
+EPOCH_TICK = 0.01  # seconds per engine epoch: the resolution of the wasm time limits
+# Per-component bounds of the pooling allocator: roomy for what toolchains emit today
+# (componentize-py: a few dozen core instances, a handful of memories and tables). A
+# component beyond them is served with on-demand allocation instead.
+POOL_CORE_INSTANCES_PER_COMPONENT = 64
+POOL_MEMORIES_PER_COMPONENT = 8
+POOL_TABLES_PER_COMPONENT = 8
+POOL_TABLE_ELEMENTS = 100_000
 
 
 class GuestTrap(Exception):
@@ -36,11 +48,28 @@ class GuestTrap(Exception):
 
     def __init__(self, message: str, kind: str = "trap") -> None:
         super().__init__(message)
-        self.kind = kind  # "trap", "timeout" (deadline) or "instantiation"
+        self.kind = kind  # "trap", "timeout" (a time limit) or "instantiation"
 
 
-def _trap_kind(message: str) -> str:
-    return "timeout" if "interrupt" in message or DEADLINE_EXCEEDED in message else "trap"
+def pooling_config(instances: int) -> Config:
+    """``engine_config()`` with wasmtime's pooling allocator, for ``instances`` live instances."""
+    config = engine_config()
+    pool = ffi.wasmtime_pooling_allocation_config_new()
+    for setter, value in (
+        ("total_component_instances", instances),
+        ("total_core_instances", instances * POOL_CORE_INSTANCES_PER_COMPONENT),
+        ("total_memories", instances * POOL_MEMORIES_PER_COMPONENT),
+        ("total_tables", instances * POOL_TABLES_PER_COMPONENT),
+        ("total_stacks", instances),
+        ("max_core_instances_per_component", POOL_CORE_INSTANCES_PER_COMPONENT),
+        ("max_memories_per_component", POOL_MEMORIES_PER_COMPONENT),
+        ("max_tables_per_component", POOL_TABLES_PER_COMPONENT),
+        ("table_elements", POOL_TABLE_ELEMENTS),
+    ):
+        getattr(ffi, f"wasmtime_pooling_allocation_config_{setter}_set")(pool, value)
+    ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
+    ffi.wasmtime_pooling_allocation_config_delete(pool)
+    return config
 
 
 class Guest:
@@ -50,13 +79,15 @@ class Guest:
         self.runtime = runtime
         self.context = WasiContext(runtime.env, runtime.outbound)
         self.store = Store(runtime.engine)
-        self.store.set_epoch_deadline(NO_DEADLINE)
+        self.ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
+        self._arm(runtime.compute_timeout)
         if runtime.max_memory:
             self.store.set_limits(memory_size=runtime.max_memory)
-        self.ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
         abi.STORES[self.ctx] = self.context
         self.uses = 0
         self.healthy = True
+        self.running_since: Optional[float] = None  # in wasm since (None: idle or waiting)
+        self._limit = ""  # which time limit the armed epoch deadline is
         try:
             instance = runtime.linker.instantiate(self.store, runtime.component)
             export = instance.get_export_index(self.store, runtime.handler_export)
@@ -71,17 +102,36 @@ class Guest:
             raise LinkError(f"{runtime.handler_export} exports no `handle` function")
         self._func = func._func
 
+    def _arm(self, seconds: float) -> None:
+        self.store.set_epoch_deadline(max(1, round(seconds / EPOCH_TICK)))
+
+    def _resume(self) -> None:
+        """Wasm runs again (at the start, or after the guest waited for I/O): it may compute
+        for ``compute_timeout`` from now, and never past the request's deadline."""
+        self.running_since = time.monotonic()
+        limit, self._limit = self.runtime.compute_timeout, "compute"
+        deadline = self.context.waiter.deadline
+        if deadline is not None:
+            left = (deadline - time.monotonic_ns()) / 1e9
+            if left < limit:
+                limit, self._limit = left, "request"
+        self._arm(limit)
+
+    def _pause(self) -> None:
+        self.running_since = None
+
     def handle(self, request: abi.Resource, outparam: abi.Resource, request_id: str) -> None:
         """Run the guest's handler; raises GuestTrap if it traps (the instance is then spent)."""
         self.uses += 1
         self.context.request_id = request_id
-        timeout = self.runtime.request_timeout
-        if timeout:
-            self.store.set_epoch_deadline(max(1, round(timeout / EPOCH_TICK)))
-            self.context.waiter.deadline = time.monotonic_ns() + int(timeout * 1e9)
+        waiter = self.context.waiter
+        if self.runtime.request_timeout:
+            waiter.deadline = time.monotonic_ns() + int(self.runtime.request_timeout * 1e9)
+        waiter.on_sleep, waiter.on_wake = self._pause, self._resume
         params = (ffi.wasmtime_component_val_t * 2)()
         for i, resource in enumerate((request, outparam)):
             abi.lower_resource(resource, ctypes.addressof(params[i]), self.context, self.ctx)
+        self._resume()
         try:
             error = ffi.wasmtime_component_func_call(ctypes.byref(self._func), self.store._context(),
                                                      params, 2, None, 0)
@@ -90,11 +140,21 @@ class Guest:
                                                                 self.store._context())
             if error:
                 self.healthy = False
-                message = _trap_message(WasmtimeError._from_ptr(error))
-                raise GuestTrap(message, _trap_kind(message))
+                raise self._trap(_trap_message(WasmtimeError._from_ptr(error)))
         finally:
-            self.context.waiter.deadline = None
+            self._pause()
+            waiter.deadline = None
             self.context.end_request()
+
+    def _trap(self, message: str) -> GuestTrap:
+        if DEADLINE_EXCEEDED in message:
+            return GuestTrap(message, "timeout")
+        if "interrupt" in message:
+            if self._limit == "compute":
+                return GuestTrap(f"the guest computed for {self.runtime.compute_timeout:g} s "
+                                 "without waiting for I/O", "timeout")
+            return GuestTrap("the guest passed the request timeout", "timeout")
+        return GuestTrap(message)
 
     def close(self) -> None:
         abi.STORES.pop(self.ctx, None)
@@ -115,26 +175,37 @@ class Runtime:
 
     def __init__(self, cwasm: Path, env: list[tuple[str, str]], outbound: Any,
                  max_instance_reuse: int = 1, request_timeout: float = 0, max_memory: int = 0,
-                 metrics: Any = None) -> None:
-        self.engine = Engine(engine_config())
-        self.component = load(self.engine, cwasm)
+                 compute_timeout: float = 30.0, threads: int = 1, metrics: Any = None) -> None:
         self.env = env
         self.outbound = outbound
         self.max_instance_reuse = max(1, max_instance_reuse)
         self.request_timeout = request_timeout
+        self.compute_timeout = compute_timeout
         self.max_memory = max_memory
         self.metrics = metrics
-        if request_timeout:
-            threading.Thread(target=self._tick_epochs, daemon=True, name="wasisup-epoch").start()
+        self._local = threading.local()
+        self._all_idle: list[list[Guest]] = []  # every thread's idle list, for close()
+        self._running: set[Guest] = set()
+        self._lock = threading.Lock()
+        # Per thread: one instance running, one idle (reused or prepared), one being replaced.
+        try:
+            self._load(cwasm, pooling_config(threads * 3 + 2))
+            Guest(self).close()  # a component beyond the pool's bounds fails here
+        except (WasmtimeError, GuestTrap) as exc:
+            log.warning("%s; guest instances are allocated on demand instead of from a pool",
+                        str(exc).splitlines()[0])
+            self._load(cwasm, engine_config())
+        threading.Thread(target=self._tick_epochs, daemon=True, name="wasisup-epoch").start()
+
+    def _load(self, cwasm: Path, config: Config) -> None:
+        self.engine = Engine(config)
+        self.component = load(self.engine, cwasm)
         self.handler_export = self._find_handler()
         self.linker = Linker(self.engine)
         link(self.linker, self.component, self.engine)
-        self._local = threading.local()
-        self._all_idle: list[list[Guest]] = []  # every thread's idle list, for close()
-        self._lock = threading.Lock()
 
     def _tick_epochs(self) -> None:
-        """Advance the engine's epoch: wasm past its Store's deadline traps (--request-timeout)."""
+        """Advance the engine's epoch: wasm past its Store's deadline traps."""
         while True:
             time.sleep(EPOCH_TICK)
             self.engine.increment_epoch()
@@ -154,20 +225,40 @@ class Runtime:
         core's caches (moving it between threads doubles a small request's cost).
         """
         idle = self._idle_here()
-        guest = idle.pop() if idle else None
-        if guest is None:
-            started = time.monotonic()
-            guest = Guest(self)
-            if self.metrics is not None:
-                self.metrics.instantiations.inc()
-                self.metrics.instantiation_seconds.observe(time.monotonic() - started)
+        guest = idle.pop() if idle else self._instantiate()
+        self._running.add(guest)
         try:
             yield guest
         finally:
+            self._running.discard(guest)
             if guest.healthy and guest.uses < self.max_instance_reuse:
                 idle.append(guest)
             else:
                 guest.close()
+
+    def prepare(self) -> None:
+        """Have an instance ready for this thread's next request (it is about to wait for
+        one, so instantiating now keeps that off the request's path)."""
+        idle = self._idle_here()
+        if not idle:
+            try:
+                idle.append(self._instantiate())
+            except GuestTrap as exc:
+                log.warning("preparing an instance failed: %s", exc)
+
+    def _instantiate(self) -> Guest:
+        started = time.monotonic()
+        guest = Guest(self)
+        if self.metrics is not None:
+            self.metrics.instantiations.inc()
+            self.metrics.instantiation_seconds.observe(time.monotonic() - started)
+        return guest
+
+    def stuck_for(self) -> float:
+        """How long the longest-running guest has been in wasm without waiting (0: none is)."""
+        now = time.monotonic()
+        return max((now - since for guest in list(self._running)
+                    if (since := guest.running_since) is not None), default=0.0)
 
     def _idle_here(self) -> list[Guest]:
         idle = getattr(self._local, "idle", None)

@@ -18,7 +18,7 @@ GUNICORN_SETTINGS = (
     "config", "bind", "workers", "threads", "timeout", "graceful_timeout", "keepalive",
     "max_requests", "max_requests_jitter", "backlog", "pidfile", "loglevel", "accesslog",
     "errorlog", "limit_request_line", "limit_request_fields", "limit_request_field_size",
-    "proc_name", "worker_connections",
+    "proc_name", "worker_connections", "worker_tmp_dir",
 )
 
 
@@ -229,4 +229,18 @@ class DataRateGrace(Setting):
     desc = """\
         The window over which --min-data-rate is measured: a client must move
         rate x grace bytes within every such window the server spends waiting on it.
+        """
+
+
+class ComputeTimeout(Setting):
+    name = "compute_timeout"
+    section = SECTION
+    cli = ["--compute-timeout"]
+    meta = "SECONDS"
+    validator = validate_seconds
+    default = 0
+    desc = """\
+        The longest a guest may run wasm without waiting for I/O (0: the worker --timeout);
+        past it the request gets a 504. A guest that mostly waits (a slow upstream, a long
+        download) is not limited by this; see --request-timeout for that.
         """

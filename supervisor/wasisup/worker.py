@@ -7,8 +7,10 @@ so it keeps beating while requests run in the thread pool.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +28,12 @@ from .runtime import Runtime
 from .wasi.linker import LinkError
 
 
+PR_SET_PDEATHSIG = 1
+# How long past --compute-timeout a guest may run before its thread counts as stuck (the
+# epoch interrupt should have stopped it): then the heartbeat stops.
+STUCK_GRACE = 5.0
+
+
 class WasmWorker(Worker):
     """A worker process: one Runtime, one HTTP server on the inherited sockets."""
 
@@ -34,6 +42,7 @@ class WasmWorker(Worker):
     def init_process(self) -> None:
         setproctitle(f"wasisup: worker [{self.app.component_name}]")
         share_logging(self.log)
+        die_with_parent()
         super().init_process()
 
     def load_wsgi(self) -> None:
@@ -46,10 +55,12 @@ class WasmWorker(Worker):
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
         outbound = OutboundClient(allow=tuple(cfg.allow_outbound))
+        self.compute_timeout = cfg.compute_timeout or cfg.timeout
         try:
             runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
                               max_instance_reuse=cfg.max_instance_reuse,
                               request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,
+                              compute_timeout=self.compute_timeout, threads=cfg.threads,
                               metrics=stats)
         except (CompileError, LinkError) as exc:
             # The master checked the component; if it still fails here, respawning won't help.
@@ -64,15 +75,20 @@ class WasmWorker(Worker):
                                on_request=self._count_request)
         self.server = Server([s.sock for s in self.sockets], handler, threads=cfg.threads,
                              limits=limits, worker_connections=cfg.worker_connections,
-                             on_tick=self._tick)
-        self.outbound = outbound
+                             on_tick=self._tick, on_idle=runtime.prepare)
+        self.runtime, self.outbound = runtime, outbound
         self.log.info("Worker ready: %s, %d threads", self.app.component_name, cfg.threads)
         self.server.serve(graceful_timeout=cfg.graceful_timeout)
         runtime.close()
         outbound.close()
 
     def _tick(self) -> None:
-        self.notify()
+        stuck = self.runtime.stuck_for()
+        if stuck < self.compute_timeout + STUCK_GRACE:
+            self.notify()
+        elif stuck < self.compute_timeout + STUCK_GRACE + 1:
+            self.log.error("a request thread has run wasm for %.0f s without being interrupted; "
+                           "no more heartbeats, so the master replaces this worker", stuck)
         self.outbound.pool.sweep()
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)
@@ -95,6 +111,13 @@ class WasmWorker(Worker):
         self.alive = False
         if self.server is not None:
             self.server.stop()
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this worker if the master dies: an orphan would keep serving
+    unsupervised and hold the listening socket a restarted master needs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def share_logging(glog: Any) -> None:

@@ -46,13 +46,15 @@ class Server:
 
     def __init__(self, listeners: list[socket.socket], handler: Handler, threads: int = 4,
                  limits: Limits = Limits(), worker_connections: int = 1000,
-                 on_tick: Optional[Callable[[], None]] = None) -> None:
+                 on_tick: Optional[Callable[[], None]] = None,
+                 on_idle: Optional[Callable[[], None]] = None) -> None:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.handler = handler
         self.threads = threads
         self.limits = limits
         self.worker_connections = worker_connections
-        self.on_tick = on_tick
+        self.on_tick = on_tick  # the loop calls it every second (the worker's heartbeat)
+        self.on_idle = on_idle  # a request thread calls it before it waits for work
         self.connections: dict[int, Connection] = {}
         self._epoll = select.epoll()
         self._jobs: queue.SimpleQueue[Optional[Connection]] = queue.SimpleQueue()
@@ -281,6 +283,11 @@ class Server:
             except Exception:
                 log.exception("connection from %s failed", conn.peer)
                 self._close(conn)
+            try:
+                if self.on_idle is not None:
+                    self.on_idle()
+            except Exception:
+                log.exception("preparing for the next request failed")
             finally:
                 with self._busy_lock:
                     self._busy -= 1

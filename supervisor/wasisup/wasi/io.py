@@ -38,6 +38,9 @@ class Waiter:
         self.before_sleep: list[Callable[[], None]] = []
         # The current request's deadline (time.monotonic_ns), if it has one.
         self.deadline: Optional[int] = None
+        # Told when the guest stops running wasm to sleep, and when it runs again.
+        self.on_sleep: Callable[[], None] = _nothing
+        self.on_wake: Callable[[], None] = _nothing
 
     def sleep(self, interests: list[Interest], deadline: Optional[int]) -> None:
         for hook in list(self.before_sleep):
@@ -52,7 +55,15 @@ class Waiter:
         poller = select.poll()
         for fd, events in interests:
             poller.register(fd, events)
-        poller.poll(timeout)
+        self.on_sleep()
+        try:
+            poller.poll(timeout)
+        finally:
+            self.on_wake()
+
+
+def _nothing() -> None:
+    pass
 
 
 class Readiness(Protocol):
