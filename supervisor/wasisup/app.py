@@ -187,6 +187,10 @@ def _when_ready(arbiter: Arbiter) -> None:
     if arbiter.cfg.metrics_bind:
         metrics.serve(arbiter.cfg.metrics_bind)
         arbiter.log.info("Metrics at http://%s/metrics", arbiter.cfg.metrics_bind)
+    if not arbiter.cfg.allow_outbound:
+        arbiter.log.warning("Outbound requests are unrestricted: guests may reach any host, "
+                            "loopback services included; --allow-outbound names the ones they "
+                            "may reach")
 
 
 def _child_exit(arbiter: Arbiter, worker: Any) -> None:

@@ -18,6 +18,7 @@ from setproctitle import setproctitle
 from . import metrics
 from .http.client import OutboundClient
 from .http.handler import GuestHandler
+from .http.outbound_policy import OutboundPolicy
 from .http.server import Limits, Server
 from .runtime import Runtime
 
@@ -41,7 +42,7 @@ class WasmWorker(Worker):
         prepared = self.app.prepared
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
-        outbound = OutboundClient(allow=tuple(cfg.allow_outbound))
+        outbound = OutboundClient(OutboundPolicy(cfg.allow_outbound))
         runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
                           max_instance_reuse=cfg.max_instance_reuse,
                           request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,

@@ -8,7 +8,6 @@ Failures become the wasi:http ``error-code`` the guest would get from wasmtime.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import socket
 import ssl
@@ -28,6 +27,7 @@ from ..wasi.http import (
     attach_body, method_wire, scheme_wire,
 )
 from ..wasi.io import InboundPipe, IoError, OutboundPipe, Waker
+from .outbound_policy import OutboundPolicy, Refused, Target, parse_target
 
 log = logging.getLogger("wasisup.outbound")
 
@@ -45,48 +45,38 @@ def _seconds(ns: Optional[int]) -> float:
 
 
 class OutboundClient:
-    """Sends guest requests; ``allow`` (host patterns, ``*`` wildcards) limits where to."""
+    """Sends guest requests where ``policy`` allows, to exactly the host and port it checked."""
 
-    def __init__(self, allow: tuple[str, ...] = (), max_connections: int = 64) -> None:
-        self.allow = tuple(pattern.lower() for pattern in allow)
+    def __init__(self, policy: OutboundPolicy = OutboundPolicy(), max_connections: int = 64) -> None:
+        self.policy = policy
         self.pool = urllib3.PoolManager(num_pools=64, maxsize=max_connections, block=False,
                                         retries=False)
-
-    def allowed(self, authority: str) -> bool:
-        if not self.allow:
-            return True
-        host = authority.rsplit("@", 1)[-1]
-        host_only = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return any(fnmatch.fnmatchcase(candidate.lower(), pattern)
-                   for pattern in self.allow for candidate in (host, host_only))
 
     def send(self, request: OutgoingRequest, options: RequestOptions,
              waker: Waker) -> FutureIncomingResponse:
         """wasi:http/outgoing-handler.handle: validate now, send on a client thread."""
-        authority = request.authority()
-        if not authority:
-            raise Err("HTTP-request-URI-invalid")
-        scheme = scheme_wire(request.scheme() or "HTTPS")
-        if scheme not in ("http", "https"):
-            raise Err("HTTP-protocol-error")
-        if not self.allowed(authority):
-            raise Err("HTTP-request-denied")
+        try:
+            target = parse_target(scheme_wire(request.scheme() or "HTTPS"), request.authority())
+            self.policy.check(target)
+        except Refused as exc:
+            raise Err(exc.error_code) from None
         future = FutureIncomingResponse(waker)
         pipe: Optional[OutboundPipe] = None
         if request.outgoing_body is not None:  # a guest that never asked for a body sends none
             pipe = OutboundPipe(waker)
             attach_body(request.outgoing_body, pipe)
-        url = f"{scheme}://{authority}{request.path_with_query() or '/'}"
         # A daemon thread per exchange: a fast stop (INT/QUIT) must not wait for upstreams.
         threading.Thread(target=self._exchange, name="wasisup-out", daemon=True,
-                         args=(method_wire(request.method()), url, request.header_fields.pairs(),
+                         args=(method_wire(request.method()), target,
+                               request.path_with_query() or "/", request.header_fields.pairs(),
                                pipe, options, future)).start()
         return future
 
-    def _exchange(self, method: str, url: str, headers: list[tuple[str, bytes]],
-                  body: Optional[OutboundPipe], options: RequestOptions,
-                  future: FutureIncomingResponse) -> None:
-        sent_headers: dict[str, Any] = {"user-agent": SKIP_HEADER, "accept-encoding": SKIP_HEADER}
+    def _exchange(self, method: str, target: Target, path_with_query: str,
+                  headers: list[tuple[str, bytes]], body: Optional[OutboundPipe],
+                  options: RequestOptions, future: FutureIncomingResponse) -> None:
+        sent_headers: dict[str, Any] = {"host": target.authority, "user-agent": SKIP_HEADER,
+                                        "accept-encoding": SKIP_HEADER}
         for name, value in headers:
             text = value.decode("latin-1")
             sent_headers[name] = f"{sent_headers[name]}, {text}" if isinstance(
@@ -94,10 +84,11 @@ class OutboundClient:
         timeout = urllib3.Timeout(connect=_seconds(options.connect),
                                   read=_seconds(options.first_byte))
         try:
-            response = self.pool.urlopen(
-                method, url, body=_chunks(body) if body else None, headers=sent_headers, redirect=False,
-                retries=False, preload_content=False, decode_content=False, timeout=timeout,
-                assert_same_host=False)
+            upstream = self.pool.connection_from_host(target.host, target.port, target.scheme)
+            response = upstream.urlopen(
+                method, path_with_query, body=_chunks(body) if body else None,
+                headers=sent_headers, redirect=False, retries=False, preload_content=False,
+                decode_content=False, timeout=timeout, assert_same_host=False)
         except Exception as exc:  # every failure is the guest's error-code, none is ours
             if body is not None:
                 body.abandon()

@@ -12,6 +12,7 @@ import re
 import threading
 from typing import Any, Callable, Optional, Protocol
 
+from ..http.outbound_policy import Refused, check_path_with_query, parse_authority
 from .abi import Err, Interface, Ok, Resource
 from .io import (
     WRITE_BUDGET, ByteSource, InputStream, IoError, OutputStream, Pollable, StreamClosed,
@@ -441,9 +442,11 @@ class OutgoingRequest(OutgoingMessage):
         return self._path_with_query
 
     def set_path_with_query(self, path: Optional[str]) -> None:
-        if path is not None and (any(c.isspace() or ord(c) < 0x21 for c in path)
-                                 or (path and not path.startswith(("/", "?", "*")))):
-            raise Err()
+        if path is not None:
+            try:
+                check_path_with_query(path)
+            except Refused:
+                raise Err() from None
         self._path_with_query = path
 
     def scheme(self) -> Any:
@@ -458,8 +461,11 @@ class OutgoingRequest(OutgoingMessage):
         return self._authority
 
     def set_authority(self, authority: Optional[str]) -> None:
-        if authority is not None and not re.fullmatch(r"[^\s/?#@]*(@[^\s/?#@]*)?", authority):
-            raise Err()
+        if authority is not None:
+            try:
+                parse_authority(authority)
+            except Refused:
+                raise Err() from None
         self._authority = authority
 
 
