@@ -56,11 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return compile_main(argv[1:])
         if argv[:1] == ["check"]:
             return check_main(argv[1:])
-        metrics_dir = metrics.setup()
+        metrics.setup()
         try:
             WasiApplication(argv).run()
         finally:
-            metrics.cleanup(metrics_dir)
+            metrics.cleanup()
         return 0
     except (UsageError, CompileError, LinkError) as exc:
         print(f"wasisup: error: {exc}", file=sys.stderr)
