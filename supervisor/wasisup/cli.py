@@ -56,7 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return compile_main(argv[1:])
         if argv[:1] == ["check"]:
             return check_main(argv[1:])
-        metrics.setup()
+        try:
+            metrics.setup()
+        except OSError as exc:
+            raise UsageError(f"cannot use the metrics directory (${metrics.ENV}): {exc}") from None
         try:
             WasiApplication(argv).run()
         finally:

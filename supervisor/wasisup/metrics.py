@@ -32,7 +32,7 @@ _folding = threading.Lock()
 _owner: Optional[tuple[int, str, bool]] = None  # (master pid, directory, created by us)
 
 
-def setup() -> str:
+def setup() -> None:
     """Point prometheus-client at an empty multiprocess directory (the user's, if set).
 
     Files left in the user's directory by a master that was killed are removed: a new worker
@@ -48,7 +48,6 @@ def setup() -> str:
         path, created = tempfile.mkdtemp(prefix="wasisup-metrics-"), True
         os.environ[ENV] = path
     _owner = (os.getpid(), path, created)
-    return path
 
 
 def cleanup() -> None:
