@@ -109,7 +109,8 @@ def test_bad_pattern_is_a_startup_error(pattern):
     result = run_cli("--allow-outbound", pattern, "missing.wasm")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wasisup: error: invalid value for allow_outbound")
+    assert len(lines) == 1
+    assert lines[0].startswith("wasisup: error: invalid value for allow_outbound")
 
 
 class RecordingService:

@@ -47,7 +47,8 @@ def _seconds(ns: Optional[int]) -> float:
 class OutboundClient:
     """Sends guest requests where ``policy`` allows, to exactly the host and port it checked."""
 
-    def __init__(self, policy: OutboundPolicy = OutboundPolicy(), max_connections: int = 64) -> None:
+    def __init__(self, policy: OutboundPolicy = OutboundPolicy(),
+                 max_connections: int = 64) -> None:
         self.policy = policy
         self.pool = urllib3.PoolManager(num_pools=64, maxsize=max_connections, block=False,
                                         retries=False)

@@ -11,46 +11,24 @@ from __future__ import annotations
 import email.utils
 import errno
 import logging
-import re
 import select
 import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable, Optional
 
 import h11
 
+from .request_head import BadRequest, Limits, check_head, protocol_error, skip_empty_lines
+
 log = logging.getLogger("wasisup.server")
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 RECV_SIZE = 64 * 1024
 # How long a thread that just answered waits for the same client's next request before
 # parking the connection: serving it on the same thread keeps the guest's caches warm.
 LINGER = 0.001
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what a client may send (gunicorn's names and defaults)."""
-
-    request_line: int = 4094
-    request_fields: int = 100
-    request_field_size: int = 8190
-    request_body: int = 0  # 0: unlimited
-    keep_alive: float = 2.0
-    read_timeout: float = 30.0
-
-
-class BadRequest(Exception):
-    """The client sent something we refuse; ``status`` says how."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class Connection:
@@ -60,8 +38,9 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.limits = limits
-        max_head = limits.request_line + limits.request_fields * (limits.request_field_size + 2) + 4
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self.max_head = (limits.request_line
+                         + limits.request_fields * (limits.request_field_size + 2) + 4)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.idle_since = time.monotonic()
         self.must_close = False
         self.fresh = True  # no request read yet
@@ -96,16 +75,25 @@ class Connection:
         # The head as h11 parses it: what it buffered already (a pipelined request) and
         # what arrives now.
         received = bytearray(self.h11.trailing_data[0])
+        skipped = 0
         while True:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise BadRequest(exc.error_status_hint, str(exc)) from None
+                raise protocol_error(exc, bytes(received)) from None
             if event is h11.NEED_DATA:
                 try:
                     data = self.sock.recv(RECV_SIZE)
                 except OSError:
                     data = b""
+                if data and not received:  # empty lines before the request line
+                    kept = skip_empty_lines(data)
+                    skipped += len(data) - len(kept)
+                    if skipped > self.limits.request_line:
+                        raise BadRequest(400, "too many empty lines before the request line")
+                    if not kept:
+                        continue
+                    data = kept
                 received += data
                 if len(received) > self.limits.request_line and b"\n" not in received:
                     raise BadRequest(414, "request line too long")
@@ -117,28 +105,8 @@ class Connection:
             if not isinstance(event, h11.Request):
                 raise BadRequest(400, f"unexpected {type(event).__name__}")
             trailing = len(self.h11.trailing_data[0])
-            head = bytes(received[:len(received) - trailing])
-            self._check(event, head)
+            check_head(event, bytes(received[:len(received) - trailing]), self.limits)
             return event
-
-    def _check(self, request: h11.Request, head: bytes) -> None:
-        if _BARE_LF.search(head):
-            raise BadRequest(400, "bare LF in the request head; lines end with CRLF")
-        line_length = len(request.method) + len(request.target) + 10
-        if line_length > self.limits.request_line:
-            raise BadRequest(414, "request line too long")
-        if len(request.headers) > self.limits.request_fields:
-            raise BadRequest(431, "too many header fields")
-        names = [name for name, _ in request.headers]
-        for name, value in request.headers:
-            if len(name) + len(value) + 2 > self.limits.request_field_size:
-                raise BadRequest(431, f"header field {name.decode()} too large")
-        if b"transfer-encoding" in names and b"content-length" in names:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if self.limits.request_body:
-            for name, value in request.headers:
-                if name == b"content-length" and int(value) > self.limits.request_body:
-                    raise BadRequest(413, "request body too large")
 
     # -- writing: output is held until ``flush`` so a small response leaves in one packet
     def send(self, event: object, flush: bool = False) -> None:
@@ -186,6 +154,13 @@ class Connection:
             self.h11.start_next_cycle()
         except h11.LocalProtocolError:
             return False
+        pipelined = bytes(self.h11.trailing_data[0])
+        if pipelined[:1] in (b"\r", b"\n"):  # empty lines before the next request line
+            # h11 cannot drop bytes it holds: a fresh parser gets what follows them.
+            self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+            next_request = skip_empty_lines(pipelined)
+            if next_request:  # (receiving b"" would mean the client closed)
+                self.h11.receive_data(next_request)
         self.idle_since = time.monotonic()
         return True
 
