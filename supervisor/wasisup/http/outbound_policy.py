@@ -10,9 +10,9 @@ backslash), and a port only if the pattern names one. No URL is built and parsed
 the check and the connect.
 
 What a guest may set is stricter than wasmtime-wasi-http (which takes ``http``'s URI grammar):
-an authority is ``host[:port]`` with no userinfo, a path-with-query starts with ``/`` and holds
-printable ASCII only, without ``#`` or ``\\``. Refusals carry the wasi:http ``error-code`` the
-guest gets, as wasmtime names them.
+an authority is ``host[:port]`` with no userinfo, a path-with-query starts with ``/`` (or is
+``*``, for OPTIONS) and holds printable ASCII only, without ``#`` or ``\\``. Refusals carry the
+wasi:http ``error-code`` the guest gets, as wasmtime names them.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ URI_INVALID = "HTTP-request-URI-invalid"
 _LABEL = re.compile(r"[a-z0-9_-]+\Z")
 _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)\Z")  # what inet_aton reads as a number
 _PORT = re.compile(r"[0-9]{1,5}\Z")
-# Printable ASCII but `#` (a fragment has no place on the wire) and `\` (a separator to some).
-_PATH_WITH_QUERY = re.compile(r"/[\x21\x22\x24-\x5b\x5d-\x7e]*\Z")
+# Printable ASCII but `#` (a fragment has no place on the wire) and `\` (a separator to some);
+# or the asterisk-form of OPTIONS.
+_PATH_WITH_QUERY = re.compile(r"(/[\x21\x22\x24-\x5b\x5d-\x7e]*|\*)\Z")
 
 
 class Refused(Exception):
@@ -61,10 +62,10 @@ def parse_authority(authority: str) -> tuple[str, Optional[int]]:
 
 
 def check_path_with_query(path_with_query: str) -> None:
-    """Raise Refused unless ``path_with_query`` is an origin-form target (``/...``)."""
+    """Raise Refused unless ``path_with_query`` is origin-form (``/...``) or ``*``."""
     if not _PATH_WITH_QUERY.match(path_with_query):
-        raise Refused(URI_INVALID, f"path-with-query {path_with_query!r} is not /PATH[?QUERY] "
-                                   "in printable ASCII without # or \\")
+        raise Refused(URI_INVALID, f"path-with-query {path_with_query!r} is not * or "
+                                   "/PATH[?QUERY] in printable ASCII without # or \\")
 
 
 def parse_target(scheme: str, authority: Optional[str]) -> Target:
