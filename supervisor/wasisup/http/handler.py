@@ -348,4 +348,3 @@ class GuestHandler:
 def _peer(conn: Connection) -> str:
     peer = conn.peer
     return peer[0] if isinstance(peer, tuple) else str(peer or "-")
-
