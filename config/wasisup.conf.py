@@ -29,7 +29,8 @@ bind = ["127.0.0.1:8080"]           # HOST:PORT or unix:PATH, several allowed (-
 # limit_request_fields = 100        # header count -> 431
 # limit_request_field_size = 8190   # bytes per header -> 431
 # limit_request_body = 0            # bytes, e.g. "10M" -> 413 (0: unlimited)
-# allow_outbound = []               # host patterns the guest may call, e.g. ["*.example.com"]
+# allow_outbound = []               # HOST or HOST:PORT the guest may call, e.g. ["*.example.com"];
+#                                   # empty: any host, loopback included (a startup warning)
 
 # -- observability
 # loglevel = "info"                 # debug, info, warning, error, critical

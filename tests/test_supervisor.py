@@ -215,6 +215,109 @@ def test_metrics_show_in_flight_per_worker(serve, upstream):
                what="the dead worker's series to go")
 
 
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def in_flight_pids(metrics_port: int) -> set[int]:
+    return {int(pid) for pid in re.findall(r'wasisup_requests_in_flight\{pid="(\d+)"\}',
+                                           metrics_text(metrics_port))}
+
+
+def scrape_seconds(metrics_port: int, times: int = 7) -> float:
+    """The median time a scrape takes."""
+    samples = []
+    for _ in range(times):
+        started = time.perf_counter()
+        metrics_text(metrics_port)
+        samples.append(time.perf_counter() - started)
+    return sorted(samples)[times // 2]
+
+
+def restarts(metrics_port: int) -> float:
+    text = metrics_text(metrics_port)
+    return float(re.search(r"^wasisup_worker_restarts_total (\S+)$", text, re.M).group(1))
+
+
+def restart_workers(server, metrics_port: int, count: int) -> None:
+    """Load the server until ``count`` more workers have been replaced (--max-requests 1)."""
+    target = restarts(metrics_port) + count
+    with Load(server, threads=2) as load:
+        deadline = time.monotonic() + 600
+        while restarts(metrics_port) < target:
+            assert time.monotonic() < deadline, f"fewer than {count} restarts in 600 s"
+            time.sleep(0.5)
+    assert not load.errors and {status for status, _ in load.results} == {200}
+
+
+def test_metrics_stay_flat_across_worker_restarts(serve, tmp_path):
+    directory = tmp_path / "metrics"
+    metrics_port = free_port()
+    server = serve("hello", "-w", "2", "--max-requests", "1",
+                   "--metrics-bind", f"127.0.0.1:{metrics_port}", env={METRICS_DIR: str(directory)})
+    master = server.proc.pid
+
+    def settled() -> bool:  # both current workers are up and have their series
+        live = workers(master)
+        try:
+            return len(live) == 2 and in_flight_pids(metrics_port) == set(live)
+        except OSError:  # the metrics server is not up yet
+            return False
+
+    wait_until(settled, what="two workers")
+    restart_workers(server, metrics_port, 10)  # warm-up: the archives exist
+    wait_until(settled, what="two workers")
+    files_before, scrape_before = len(os.listdir(directory)), scrape_seconds(metrics_port)
+    restart_workers(server, metrics_port, 600)
+    wait_until(settled, what="two workers")
+    files_after, scrape_after = len(os.listdir(directory)), scrape_seconds(metrics_port)
+
+    assert files_after <= files_before + 10, sorted(os.listdir(directory))
+    assert scrape_after <= 3 * scrape_before + 0.01, (scrape_before, scrape_after)
+    assert f'pid="{master}"' not in metrics_text(metrics_port)
+
+    def answered() -> float:  # once the last request's counter and histogram are both in
+        text = metrics_text(metrics_port)
+        count = float(re.search(r'^wasisup_requests_total\{code="200"\} (\S+)$', text, re.M)[1])
+        seen = float(re.search(r"^wasisup_request_duration_seconds_count (\S+)$", text, re.M)[1])
+        return count if count == seen else 0.0
+
+    # Nothing counted was lost in the folding: every request and every restart is there.
+    assert wait_until(answered, what="the counts") >= restarts(metrics_port) >= 610
+
+
+def test_metrics_directory_is_removed_on_exit(serve, tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    default = serve("hello", "-w", "1", env={"TMPDIR": str(temp)})
+    assert default.request("GET", "/")[0] == 200
+    assert [p.name[:16] for p in temp.iterdir()] == ["wasisup-metrics-"]
+    assert default.stop() == 0
+    assert list(temp.iterdir()) == []
+    given = tmp_path / "given"
+    named = serve("hello", "-w", "1", env={METRICS_DIR: str(given)})
+    assert named.request("GET", "/")[0] == 200 and list(given.glob("*.db"))
+    assert named.stop() == 0
+    assert not given.exists()
+
+
+def test_a_killed_masters_metrics_do_not_carry_over(serve, tmp_path):
+    directory = tmp_path / "metrics"
+    killed = serve("hello", "-w", "1", env={METRICS_DIR: str(directory)})
+    for _ in range(3):
+        assert killed.request("GET", "/")[0] == 200
+    os.killpg(killed.proc.pid, signal.SIGKILL)  # master and workers: nobody cleans up
+    killed.proc.wait()
+    assert list(directory.glob("counter_*.db"))
+    metrics_port = free_port()
+    server = serve("hello", "-w", "1", "--metrics-bind", f"127.0.0.1:{metrics_port}",
+                   env={METRICS_DIR: str(directory)})
+    assert server.request("GET", "/")[0] == 200
+    counted = wait_until(lambda: re.search(r'^wasisup_requests_total\{code="200"\} (\S+)$',
+                                           metrics_text(metrics_port), re.M), what="the request")
+    assert counted[1] == "1.0"  # not 4.0: the killed master's counts are gone
+    assert in_flight_pids(metrics_port) == set(workers(server.proc.pid))
+
+
 def test_request_timeout_interrupts_a_spinning_guest(serve, upstream):
     server = serve("hog", "--request-timeout", "1")
     status, _, _ = server.request("GET", "/spin")

@@ -187,13 +187,18 @@ def _when_ready(arbiter: Arbiter) -> None:
     from .worker import share_logging
 
     share_logging(arbiter.log)
+    metrics.worker_restarts()  # before the first fork: the series starts at 0
     if arbiter.cfg.metrics_bind:
         metrics.serve(arbiter.cfg.metrics_bind)
         arbiter.log.info("Metrics at http://%s/metrics", arbiter.cfg.metrics_bind)
+    if not arbiter.cfg.allow_outbound:
+        arbiter.log.warning("Outbound requests are unrestricted: guests may reach any host, "
+                            "loopback services included; --allow-outbound names the ones they "
+                            "may reach")
 
 
 def _child_exit(arbiter: Arbiter, worker: Any) -> None:
     metrics.worker_exited(worker.pid)
     # Still serving and now short of workers: the arbiter will replace this one.
     if arbiter.LISTENERS and len(arbiter.WORKERS) < arbiter.num_workers:
-        metrics.get().worker_restarts.inc()
+        metrics.worker_restarts().inc()

@@ -56,11 +56,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return compile_main(argv[1:])
         if argv[:1] == ["check"]:
             return check_main(argv[1:])
-        metrics_dir = metrics.setup()
+        try:
+            metrics.setup()
+        except OSError as exc:
+            raise UsageError(f"cannot use the metrics directory (${metrics.ENV}): {exc}") from None
         try:
             WasiApplication(argv).run()
         finally:
-            metrics.cleanup(metrics_dir)
+            metrics.cleanup()
         return 0
     except (UsageError, CompileError, LinkError) as exc:
         print(f"wasisup: error: {exc}", file=sys.stderr)

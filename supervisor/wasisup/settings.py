@@ -11,6 +11,8 @@ import re
 
 from gunicorn.config import Setting, validate_pos_int, validate_string, validate_list_string
 
+from .http.outbound_policy import HostPattern
+
 SECTION = "wasisup"
 
 # gunicorn's settings that wasisup exposes unchanged (config-file keys).
@@ -77,10 +79,10 @@ def validate_host_port(value: object) -> str | None:
 
 
 def validate_patterns(value: object) -> list[str]:
+    """``--allow-outbound`` entries, each checked now so a typo is a startup error."""
     patterns = validate_list_string(value)
     for pattern in patterns:
-        if not re.fullmatch(r"[A-Za-z0-9*.\-\[\]:]+", pattern):
-            raise ValueError(f"--allow-outbound {pattern!r} is not a host pattern (e.g. *.example.com)")
+        HostPattern.parse(pattern)
     return patterns
 
 
@@ -171,9 +173,13 @@ class AllowOutbound(Setting):
     validator = validate_patterns
     default = []
     desc = """\
-        A host (or *-pattern) the guest may send requests to (repeatable).
+        A host the guest may send requests to: HOST or HOST:PORT (repeatable).
 
-        When given, requests to any other host fail with HTTP-request-denied.
+        A ``*`` stands for one whole label: ``*.example.com``, ``10.0.0.*``; an IPv6 address
+        goes in brackets, ``[::1]:8080``. Requests to any other host (or port) fail with
+        HTTP-request-denied. The host a request connects to is what is checked: IPv4 in any
+        spelling is compared as a dotted quad. Without this option guests may reach any host,
+        loopback services included; the master logs a warning at startup.
         """
 
 

@@ -22,7 +22,8 @@ from setproctitle import setproctitle
 from . import metrics
 from .http.client import OutboundClient
 from .http.handler import GuestHandler
-from .http.connection import Limits
+from .http.outbound_policy import OutboundPolicy
+from .http.request_head import Limits
 from .http.server import Server
 from .compile import CompileError
 from .runtime import Runtime
@@ -55,7 +56,7 @@ class WasmWorker(Worker):
         prepared = self.app.prepared
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
-        outbound = OutboundClient(allow=tuple(cfg.allow_outbound))
+        outbound = OutboundClient(OutboundPolicy(cfg.allow_outbound))
         self.compute_timeout = cfg.compute_timeout or cfg.timeout
         try:
             runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,

@@ -12,7 +12,6 @@ back to the pool. Failures become the wasi:http ``error-code`` wasmtime would gi
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from typing import Any, Optional
@@ -25,7 +24,8 @@ from ..wasi.http import (
     attach_body, method_wire, scheme_wire,
 )
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed, Waiter
-from .pool import ConnectFailed, Origin, Pool, UpstreamConnection
+from .outbound_policy import OutboundPolicy, Refused, Target, parse_target
+from .pool import ConnectFailed, Pool, UpstreamConnection
 
 log = logging.getLogger("wasisup.outbound")
 
@@ -39,37 +39,21 @@ REPLAY_LIMIT = 64 * 1024
 
 
 class OutboundClient:
-    """Sends guest requests; ``allow`` (host patterns, ``*`` wildcards) limits where to."""
+    """Sends guest requests where ``policy`` allows, to exactly the host and port it checked."""
 
-    def __init__(self, allow: tuple[str, ...] = (), pool: Optional[Pool] = None) -> None:
-        self.allow = tuple(pattern.lower() for pattern in allow)
+    def __init__(self, policy: OutboundPolicy = OutboundPolicy(), pool: Optional[Pool] = None) -> None:
+        self.policy = policy
         self.pool = pool or Pool()
-
-    def allowed(self, authority: str) -> bool:
-        if not self.allow:
-            return True
-        host = authority.rsplit("@", 1)[-1]
-        host_only = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return any(fnmatch.fnmatchcase(candidate.lower(), pattern)
-                   for pattern in self.allow for candidate in (host, host_only))
 
     def send(self, request: OutgoingRequest, options: RequestOptions,
              waiter: Waiter) -> FutureIncomingResponse:
         """wasi:http/outgoing-handler.handle: check the request now, then start the exchange."""
-        authority = request.authority()
-        if not authority:
-            raise Err("HTTP-request-URI-invalid")
-        scheme = scheme_wire(request.scheme() or "HTTPS")
-        if scheme not in ("http", "https"):
-            raise Err("HTTP-protocol-error")
-        if not self.allowed(authority):
-            raise Err("HTTP-request-denied")
-        host, colon, port = authority.rpartition(":")
-        if not colon or not port.isdigit() or host.count(":") and not host.endswith("]"):
-            host, port = authority, ""
-        origin = Origin(scheme, host.strip("[]"),
-                        int(port) if port else (443 if scheme == "https" else 80))
-        exchange = Exchange(self.pool, origin, request, options, waiter)
+        try:
+            target = parse_target(scheme_wire(request.scheme() or "HTTPS"), request.authority())
+            self.policy.check(target)
+        except Refused as exc:
+            raise Err(exc.error_code) from None
+        exchange = Exchange(self.pool, target, request, options, waiter)
         return FutureIncomingResponse(exchange.head, waiter)
 
     def close(self) -> None:
@@ -88,10 +72,10 @@ class Exchange:
     response's incoming-body).
     """
 
-    def __init__(self, pool: Pool, origin: Origin, request: OutgoingRequest,
+    def __init__(self, pool: Pool, target: Target, request: OutgoingRequest,
                  options: RequestOptions, waiter: Waiter) -> None:
         self.pool = pool
-        self.origin = origin
+        self.target = target
         self.waiter = waiter
         self.method = method_wire(request.method())
         self._target = request.path_with_query() or "/"
@@ -128,7 +112,7 @@ class Exchange:
         self.request_body = RequestBody(self)
         self.response_body = ResponseBody(self)
         try:
-            self.conn = pool.connect(origin)
+            self.conn = pool.connect(target)
         except ConnectFailed as exc:
             self.fail(exc.code, str(exc))
             return
@@ -154,7 +138,7 @@ class Exchange:
         """The head, once the body is known or big enough: a finished body goes with a
         content-length (none when empty), one still being written is chunked."""
         self._head_sent = True
-        headers = [("host", self.origin.host_header), *self._headers]
+        headers = [("host", self.target.authority), *self._headers]
         declared = any(name == "content-length" for name, _ in self._headers)
         if self.body_state in ("open", "aborted") and not declared:
             headers.append(("transfer-encoding", "chunked"))
@@ -403,7 +387,7 @@ class Exchange:
         self._started = time.monotonic_ns()
         self._connected_at = 0
         try:
-            self.conn = self.pool.connect_new(self.origin)
+            self.conn = self.pool.connect_new(self.target)
         except ConnectFailed as exc:
             self.fail(exc.code, str(exc))
             return
@@ -420,7 +404,7 @@ class Exchange:
 
     def fail(self, code: Any, detail: str = "") -> None:
         if self.error is None and self.response is None:
-            log.debug("outbound %s %s failed: %s %s", self.method, self.origin, code, detail)
+            log.debug("outbound %s %s failed: %s %s", self.method, self.target, code, detail)
             self.error = code
         elif self.response is not None and self.body_error is None and not self.eof:
             self.body_error = IoError(f"the upstream exchange failed: {detail or code}", code)

@@ -9,48 +9,23 @@ from __future__ import annotations
 
 import email.utils
 import fcntl
-import re
 import socket
 import struct
 import termios
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
 import h11
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+from .request_head import BadRequest, Limits, check_head, protocol_error, skip_empty_lines
+
 RECV_SIZE = 64 * 1024
 # Response bytes held for a client that has not taken them yet: beyond this the guest waits
 # (each connection's share of memory is bounded; the kernel's socket buffer comes on top).
 OUT_HIGH_WATER = 256 * 1024
 # Smaller writes collect in ``out`` until a flush; bigger ones go to the socket at once.
 DIRECT_SEND = 16 * 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what a client may send and how slowly (gunicorn's names and defaults for the
-    request, Kestrel's minimum data rate for slow clients)."""
-
-    request_line: int = 4094
-    request_fields: int = 100
-    request_field_size: int = 8190
-    request_body: int = 0  # 0: unlimited
-    keep_alive: float = 2.0  # idle between requests
-    header_timeout: float = 20.0  # for a whole request head, from its first byte
-    min_data_rate: float = 240.0  # bytes/s a client must move while we wait on it (0: off)
-    data_rate_grace: float = 5.0
-
-
-class BadRequest(Exception):
-    """The client sent something we refuse; ``status`` says how."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class ClientGone(Exception):
@@ -105,8 +80,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.limits = limits
-        max_head = limits.request_line + limits.request_fields * (limits.request_field_size + 2) + 4
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         self.state = "head"
         self.out = bytearray()
         self.must_close = False  # the next response announces `Connection: close`
@@ -121,6 +95,7 @@ class Connection:
         self.reading = MinDataRate(limits.min_data_rate, limits.data_rate_grace, lambda: self.received)
         self.writing = MinDataRate(limits.min_data_rate, limits.data_rate_grace, self.delivered)
         self._head = bytearray()  # the raw bytes of the head being read
+        self._skipped = 0  # empty lines before it
 
     # -- reading
     def receive(self) -> Optional[bool]:
@@ -134,6 +109,14 @@ class Connection:
             data = b""
         self.received += len(data)
         if self.h11.their_state is h11.IDLE:
+            if not self._head:  # RFC 9112 2.2: empty lines before a request line are ignored
+                kept = skip_empty_lines(data)
+                self._skipped += len(data) - len(kept)
+                if self._skipped > self.limits.request_line:
+                    raise BadRequest(400, "too many empty lines before the request line")
+                if data and not kept:
+                    return True
+                data = kept
             self._head += data
         self.h11.receive_data(data)
         return bool(data)
@@ -145,7 +128,7 @@ class Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise BadRequest(exc.error_status_hint, str(exc)) from None
+                raise protocol_error(exc, bytes(self._head)) from None
             if event is h11.NEED_DATA:
                 if len(self._head) > self.limits.request_line and b"\n" not in self._head:
                     raise BadRequest(414, "request line too long")
@@ -163,29 +146,10 @@ class Connection:
                 raise BadRequest(400, f"unexpected {type(event).__name__}")
             trailing = len(self.h11.trailing_data[0])
             head = bytes(self._head[:len(self._head) - trailing])
-            self._head = bytearray()
-            self._check(event, head)
+            self._head, self._skipped = bytearray(), 0
+            check_head(event, head, self.limits)
             self.head_started = None
             return event
-
-    def _check(self, request: h11.Request, head: bytes) -> None:
-        if _BARE_LF.search(head):
-            raise BadRequest(400, "bare LF in the request head; lines end with CRLF")
-        line_length = len(request.method) + len(request.target) + 10
-        if line_length > self.limits.request_line:
-            raise BadRequest(414, "request line too long")
-        if len(request.headers) > self.limits.request_fields:
-            raise BadRequest(431, "too many header fields")
-        names = [name for name, _ in request.headers]
-        for name, value in request.headers:
-            if len(name) + len(value) + 2 > self.limits.request_field_size:
-                raise BadRequest(431, f"header field {name.decode()} too large")
-        if b"transfer-encoding" in names and b"content-length" in names:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if self.limits.request_body:
-            for name, value in request.headers:
-                if name == b"content-length" and int(value) > self.limits.request_body:
-                    raise BadRequest(413, "request body too large")
 
     # -- writing: small writes collect in ``out`` until ``flush``; big ones go out at once
     def send(self, event: Any) -> None:
@@ -276,7 +240,14 @@ class Connection:
         except (h11.RemoteProtocolError, h11.LocalProtocolError):
             return False
         self.requests += 1
-        self._head = bytearray(self.h11.trailing_data[0])
+        pipelined = bytes(self.h11.trailing_data[0])
+        if pipelined[:1] in (b"\r", b"\n"):  # empty lines before the next request line
+            # h11 cannot drop bytes it holds: a fresh parser gets what follows them.
+            self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+            pipelined = skip_empty_lines(pipelined)
+            if pipelined:  # (receiving b"" would mean the client closed)
+                self.h11.receive_data(pipelined)
+        self._head = bytearray(pipelined)
         self.head_started = time.monotonic() if self._head else None
         self.idle_since = time.monotonic()
         self.reading.reset()

@@ -21,6 +21,7 @@ from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
 from .connection import Connection, http_date, reason_phrase
+from .request_head import clean_trailers, request_target
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -81,7 +82,7 @@ class ClientBody:
                 self._chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 self._done = True
-                self._trailers = list(event.headers) or None
+                self._trailers = clean_trailers(event.headers) or None
             else:  # ConnectionClosed: the client went away mid-body
                 self._fail(0, "", "HTTP-request-body-size",
                            "client closed the connection before the body ended")
@@ -341,14 +342,15 @@ class GuestHandler:
 
     def _run_guest(self, conn: Connection, request: h11.Request, writer: "ResponseWriter",
                    request_id: str) -> None:
+        path_with_query, authority = request_target(request)  # (checked by the server)
         body = ClientBody(conn, self.body_limit)
         try:
             with self.runtime.guest() as guest:
                 incoming = IncomingRequest(
                     method=request.method.decode("ascii"),
-                    path_with_query=request.target.decode("ascii", "replace"),
+                    path_with_query=path_with_query,
                     scheme="http",
-                    authority=_header(request, b"host"),
+                    authority=authority,
                     headers=Fields.from_pairs(list(request.headers)),
                     body=body,
                     waiter=guest.context.waiter)
@@ -404,9 +406,3 @@ def _peer(conn: Connection) -> str:
     peer = conn.peer
     return peer[0] if isinstance(peer, tuple) else str(peer or "-")
 
-
-def _header(request: h11.Request, name: bytes) -> Optional[str]:
-    for key, value in request.headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None

@@ -13,8 +13,9 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
+
+from .outbound_policy import Target
 
 READABLE, WRITABLE = select.POLLIN, select.POLLOUT
 # Kept per origin for reuse; more than this many idle connections to one origin are closed.
@@ -22,21 +23,6 @@ IDLE_PER_ORIGIN = 32
 # An idle pooled connection older than this is closed rather than reused (upstream servers
 # close theirs too; nginx after 75 s, many after 5-15 s).
 IDLE_TIMEOUT = 15.0
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a connection goes: exactly the host and port that were checked against policy."""
-
-    scheme: str  # "http" or "https"
-    host: str  # a name, or an IP literal without brackets
-    port: int
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
 
 
 class ConnectFailed(Exception):
@@ -53,8 +39,9 @@ DNS_ERROR = ("DNS-error", {"rcode": "address not available", "info-code": None})
 class UpstreamConnection:
     """One non-blocking connection to an origin; TLS is layered on once TCP is up."""
 
-    def __init__(self, origin: Origin, addresses: list[tuple], tls: Optional[ssl.SSLContext]) -> None:
-        self.origin = origin
+    def __init__(self, target: Target, addresses: list[tuple], tls: Optional[ssl.SSLContext]) -> None:
+        self.target = target
+        self.origin = (target.scheme, target.host, target.port)  # the pool's key
         self.reused = False
         self._addresses = addresses
         self._tls = tls
@@ -99,7 +86,7 @@ class UpstreamConnection:
             if self._tls is None:
                 self._phase = "open"
                 return True
-            self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.origin.host,
+            self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.target.host,
                                               do_handshake_on_connect=False)
             self._phase = "tls"
         try:
@@ -170,30 +157,30 @@ class Pool:
     def __init__(self, idle_per_origin: int = IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.idle_per_origin = idle_per_origin
         self.idle_timeout = idle_timeout
-        self._idle: dict[Origin, list[tuple[UpstreamConnection, float]]] = {}
+        self._idle: dict[tuple[str, str, int], list[tuple[UpstreamConnection, float]]] = {}
         self._lock = threading.Lock()
         self._tls: Optional[ssl.SSLContext] = None
         self.opened = 0  # connections opened by this worker, ever
 
-    def connect(self, origin: Origin) -> UpstreamConnection:
-        """A pooled connection to ``origin`` if a live one is idle, else a new one (connecting)."""
-        return self._checkout(origin) or self.connect_new(origin)
+    def connect(self, target: Target) -> UpstreamConnection:
+        """A pooled connection to ``target`` if a live one is idle, else a new one (connecting)."""
+        return self._checkout(target) or self.connect_new(target)
 
-    def connect_new(self, origin: Origin) -> UpstreamConnection:
-        """A new connection to ``origin`` (its connect under way)."""
+    def connect_new(self, target: Target) -> UpstreamConnection:
+        """A new connection to ``target`` (its connect under way)."""
         try:
-            addresses = socket.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+            addresses = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
-            raise ConnectFailed(DNS_ERROR, f"resolving {origin.host}: {exc}") from None
-        conn = UpstreamConnection(origin, addresses, self._tls_context() if origin.scheme == "https" else None)
+            raise ConnectFailed(DNS_ERROR, f"resolving {target.host}: {exc}") from None
+        conn = UpstreamConnection(target, addresses, self._tls_context() if target.tls else None)
         self.opened += 1
         return conn
 
-    def _checkout(self, origin: Origin) -> Optional[UpstreamConnection]:
+    def _checkout(self, target: Target) -> Optional[UpstreamConnection]:
         cutoff = time.monotonic() - self.idle_timeout
         while True:
             with self._lock:
-                idle = self._idle.get(origin)
+                idle = self._idle.get((target.scheme, target.host, target.port))
                 if not idle:
                     return None
                 conn, since = idle.pop()

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 
 import h11
 
-from .connection import BadRequest, ClientGone, Connection, Limits
+from .connection import ClientGone, Connection
+from .request_head import BadRequest, Limits
 
 log = logging.getLogger("wasisup.server")
 

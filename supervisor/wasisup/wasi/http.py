@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Optional, Protocol
 
+from ..http.outbound_policy import Refused, check_path_with_query, parse_authority
 from .abi import Err, Interface, Ok, Resource
 from .io import (
     WRITE_BUDGET, ByteSource, InputStream, Interest, IoError, OutputStream, Pollable, Readiness,
@@ -449,9 +450,11 @@ class OutgoingRequest(OutgoingMessage):
         return self._path_with_query
 
     def set_path_with_query(self, path: Optional[str]) -> None:
-        if path is not None and (any(c.isspace() or ord(c) < 0x21 for c in path)
-                                 or (path and not path.startswith(("/", "?", "*")))):
-            raise Err()
+        if path is not None:
+            try:
+                check_path_with_query(path)
+            except Refused:
+                raise Err() from None
         self._path_with_query = path
 
     def scheme(self) -> Any:
@@ -466,8 +469,11 @@ class OutgoingRequest(OutgoingMessage):
         return self._authority
 
     def set_authority(self, authority: Optional[str]) -> None:
-        if authority is not None and not re.fullmatch(r"[^\s/?#@]*(@[^\s/?#@]*)?", authority):
-            raise Err()
+        if authority is not None:
+            try:
+                parse_authority(authority)
+            except Refused:
+                raise Err() from None
         self._authority = authority
 
 

@@ -1,4 +1,5 @@
-"""Echoes the request back as JSON: method, path-with-query, scheme, authority, headers, body."""
+"""Echoes the request back as JSON: method, path-with-query, scheme, authority, headers, body,
+trailers."""
 
 import json
 
@@ -10,7 +11,8 @@ from wit_world.imports.types import (
 )
 
 
-def read_all(request) -> bytes:
+def read_all(request) -> tuple:
+    """(body, trailers as sorted [name, value] pairs or None)."""
     body = request.consume()
     chunks = []
     with body.stream() as stream:
@@ -21,8 +23,16 @@ def read_all(request) -> bytes:
                 if isinstance(err.value, StreamError_Closed):
                     break
                 raise
-    IncomingBody.finish(body)
-    return b"".join(chunks)
+    future = IncomingBody.finish(body)
+    with future.subscribe() as ready:
+        ready.block()
+    outcome = future.get().value
+    if isinstance(outcome, Err):
+        raise outcome
+    trailers = outcome.value
+    if trailers is not None:
+        trailers = sorted([name, value.decode("latin-1")] for name, value in trailers.entries())
+    return b"".join(chunks), trailers
 
 
 def method_name(method) -> str:
@@ -35,7 +45,7 @@ class IncomingHandler(exports.IncomingHandler):
         scheme = request.scheme()
         with request.headers() as headers:
             entries = sorted((name, value.decode("latin-1")) for name, value in headers.entries())
-        body = read_all(request)
+        body, trailers = read_all(request)
         document = json.dumps({
             "method": method_name(request.method()),
             "path_with_query": request.path_with_query(),
@@ -43,6 +53,7 @@ class IncomingHandler(exports.IncomingHandler):
             "authority": request.authority(),
             "headers": entries,
             "body": body.decode("latin-1"),
+            "trailers": trailers,
         }, sort_keys=True).encode()
         response = OutgoingResponse(Fields.from_list([
             ("content-type", b"application/json"),
