@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import resource
 import threading
 import time
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from .wasi.linker import LinkError, link
 log = logging.getLogger("wasisup.runtime")
 
 HANDLER_INTERFACE = "wasi:http/incoming-handler"
-EPOCH_TICK = 0.01  # seconds per engine epoch: the resolution of the wasm time limits
+EPOCH_TICK = 0.05  # seconds per engine epoch: the resolution of the wasm time limits
 # Per-component bounds of the pooling allocator: roomy for what toolchains emit today
 # (componentize-py: a few dozen core instances, a handful of memories and tables). A
 # component beyond them is served with on-demand allocation instead.
@@ -129,8 +130,8 @@ class Guest:
             waiter.deadline = time.monotonic_ns() + int(self.runtime.request_timeout * 1e9)
         waiter.on_sleep, waiter.on_wake = self._pause, self._resume
         params = (ffi.wasmtime_component_val_t * 2)()
-        for i, resource in enumerate((request, outparam)):
-            abi.lower_resource(resource, ctypes.addressof(params[i]), self.context, self.ctx)
+        for i, argument in enumerate((request, outparam)):
+            abi.lower_resource(argument, ctypes.addressof(params[i]), self.context, self.ctx)
         self._resume()
         try:
             error = ffi.wasmtime_component_func_call(ctypes.byref(self._func), self.store._context(),
@@ -189,11 +190,14 @@ class Runtime:
         self._lock = threading.Lock()
         # Per thread: one instance running, one idle (reused or prepared), one being replaced.
         try:
+            if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+                # The pool reserves address space up front: under a limit, wasmtime would abort.
+                raise WasmtimeError("the address space is limited (ulimit -v)")
             self._load(cwasm, pooling_config(threads * 3 + 2))
             Guest(self).close()  # a component beyond the pool's bounds fails here
         except (WasmtimeError, GuestTrap) as exc:
-            log.warning("%s; guest instances are allocated on demand instead of from a pool",
-                        str(exc).splitlines()[0])
+            log.info("%s: guest instances are allocated on demand instead of from a pool",
+                     str(exc).splitlines()[0])
             self._load(cwasm, engine_config())
         threading.Thread(target=self._tick_epochs, daemon=True, name="wasisup-epoch").start()
 

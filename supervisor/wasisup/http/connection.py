@@ -1,8 +1,13 @@
-"""One client connection: a non-blocking socket, its h11 state machine and its output buffer.
+"""One client connection: a non-blocking socket, h11 parsing its requests, the framing of its
+responses, and its output buffer.
 
 The worker's event loop reads request heads into it; a request thread reads the body and writes
 the response through it; whatever the client has not taken when the guest is done stays in
 ``out`` for the loop to finish. Nothing here blocks.
+
+h11 parses each request (one h11 state machine per request cycle). Responses are framed here,
+not by h11: their fields were validated when the guest set them, and h11's send path, which
+validates them all again, cost a small request more than parsing it did.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class Connection:
         self.broken = False  # close after this response: its framing can't be trusted
         self.requests = 0  # answered on this connection
         self.request: Optional[h11.Request] = None  # the head a request thread is to serve
+        self.request_head: Optional[h11.Request] = None  # the request being answered
         now = time.monotonic()
         self.head_started: Optional[float] = now  # a new connection's head is due from accept
         self.idle_since = now
@@ -96,6 +102,7 @@ class Connection:
         self.writing = MinDataRate(limits.min_data_rate, limits.data_rate_grace, self.delivered)
         self._head = bytearray()  # the raw bytes of the head being read
         self._skipped = 0  # empty lines before it
+        self._response = ResponseFraming()
 
     # -- reading
     def receive(self) -> Optional[bool]:
@@ -149,13 +156,45 @@ class Connection:
             self._head, self._skipped = bytearray(), 0
             check_head(event, head, self.limits)
             self.head_started = None
+            self.request_head = event
             return event
 
-    # -- writing: small writes collect in ``out`` until ``flush``; big ones go out at once
-    def send(self, event: Any) -> None:
-        """Frame an h11 event into the output. A Data event's bytes are not copied on the way:
-        a big one goes to the socket at once, and only what it does not take is kept."""
-        parts = self.h11.send_with_data_passthrough(event)
+    # -- the response
+    @property
+    def responded(self) -> bool:
+        """Has a response head been written for the current request?"""
+        return self._response.started
+
+    def continue_if_expected(self) -> None:
+        """Answer `Expect: 100-continue` before the guest's first read of the body."""
+        if (self.h11.they_are_waiting_for_100_continue and not self._response.started
+                and not self._response.continued):
+            self._response.continued = True
+            self.out += b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def start_response(self, status: int, headers: list[tuple[str, bytes]]) -> None:
+        """Write a response head. A body is framed by the content-length it declares, else
+        chunked (HTTP/1.1) or by closing the connection (HTTP/1.0); none follows for HEAD, 204
+        and 304. Raises ValueError for a response HTTP/1.1 cannot carry."""
+        request = self.request_head
+        keep_alive = not self.must_close and _keeps_alive(request)
+        self.out += self._response.start(status, headers, request.method == b"HEAD",
+                                         request.http_version == b"1.1", keep_alive)
+
+    def send_body(self, data: bytes | memoryview) -> None:
+        """Frame body bytes. They are not copied on the way: a big piece goes to the socket at
+        once, and only what it does not take is kept."""
+        self._write(self._response.frame(data))
+
+    def end_response(self, trailers: list[tuple[str, bytes]] = ()) -> bool:
+        """End the body (with trailers, if chunked); False if it was shorter than declared."""
+        tail, complete = self._response.end(trailers)
+        self.out += tail
+        if not complete:
+            self.broken = True
+        return complete
+
+    def _write(self, parts: list[Any]) -> None:
         if sum(map(len, parts)) < DIRECT_SEND:
             for part in parts:
                 self.out += part
@@ -170,17 +209,6 @@ class Connection:
             else:
                 self.out += memoryview(part)[sent:]
                 sent = 0
-
-    def send_response_head(self, response: h11.Response, head_only: bool) -> None:
-        """Like ``send``; for a HEAD request without a length, no framing header at all.
-
-        h11 announces the chunked framing a GET would have had; hyper (and so `wasmtime
-        serve`) announces none, and a HEAD response has no body to frame either way.
-        """
-        data = self.h11.send(response)
-        if head_only and data:
-            data = data.replace(b"\r\nTransfer-Encoding: chunked\r\n", b"\r\n", 1)
-        self.out += data
 
     def _send(self, buffers: list[Any]) -> int:
         try:
@@ -219,12 +247,13 @@ class Connection:
     def send_error(self, status: int, reason: str) -> None:
         """A plain-text error response, then close: the request's framing can't be trusted."""
         self.broken = True
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE, h11.ERROR):
+        if not self._response.started:
+            self._response.started = True
             self.out += raw_error(status, f"{reason}\n".encode())
 
     def finish_cycle(self) -> bool:
         """After a response: is the connection ready for the next request?"""
-        if self.broken or self.h11.our_state is not h11.DONE:
+        if self.broken or not (self._response.done and self._response.keep_alive):
             return False
         try:
             while self.h11.their_state is h11.SEND_BODY:  # body the guest left unread
@@ -234,20 +263,20 @@ class Connection:
                         return False  # not here yet: not worth waiting for
                 elif not isinstance(event, (h11.Data, h11.EndOfMessage)):
                     return False
-            if self.h11.their_state is not h11.DONE:
-                return False
-            self.h11.start_next_cycle()
-        except (h11.RemoteProtocolError, h11.LocalProtocolError):
+        except h11.RemoteProtocolError:
             return False
-        self.requests += 1
-        pipelined = bytes(self.h11.trailing_data[0])
-        if pipelined[:1] in (b"\r", b"\n"):  # empty lines before the next request line
-            # h11 cannot drop bytes it holds: a fresh parser gets what follows them.
-            self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
-            pipelined = skip_empty_lines(pipelined)
-            if pipelined:  # (receiving b"" would mean the client closed)
-                self.h11.receive_data(pipelined)
+        if self.h11.their_state is not h11.DONE:
+            return False
+        pipelined, closed = self.h11.trailing_data
+        pipelined = skip_empty_lines(pipelined)  # empty lines before the next request line
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        if pipelined:
+            self.h11.receive_data(pipelined)
+        if closed:
+            self.h11.receive_data(b"")
         self._head = bytearray(pipelined)
+        self._response = ResponseFraming()
+        self.requests += 1
         self.head_started = time.monotonic() if self._head else None
         self.idle_since = time.monotonic()
         self.reading.reset()
@@ -258,11 +287,76 @@ class Connection:
         self.sock.close()
 
 
+def _keeps_alive(request: h11.Request) -> bool:
+    """HTTP/1.1 keeps the connection unless the client says close (as h11, no 1.0 keep-alive)."""
+    if request.http_version != b"1.1":
+        return False
+    return not any(name == b"connection" and b"close" in value.lower()
+                   for name, value in request.headers)
+
+
+class ResponseFraming:
+    """How one response's body is delimited on the wire, and whether the connection survives it."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+        self.continued = False  # a 100 Continue went out
+        self.keep_alive = True
+        self._left: Optional[int] = None  # bytes a content-length still expects
+        self._chunked = False
+        self._no_body = False
+
+    def start(self, status: int, headers: list[tuple[str, bytes]], head_only: bool,
+              http11: bool, keep_alive: bool) -> bytes:
+        if status < 200:
+            raise ValueError(f"status {status} is not a final response")
+        lengths = {value for name, value in headers if name == "content-length"}
+        if len(lengths) > 1 or lengths and not next(iter(lengths)).isdigit():
+            raise ValueError("the content-length is not one decimal number")
+        self._no_body = head_only or status in (204, 304)
+        framing: list[tuple[str, bytes]] = []
+        if lengths:
+            self._left = 0 if self._no_body else int(next(iter(lengths)))
+        elif not self._no_body:
+            if http11:
+                self._chunked = True
+                framing.append(("transfer-encoding", b"chunked"))
+            else:
+                keep_alive = False  # the end of the body is the end of the connection
+        if not keep_alive:
+            framing.append(("connection", b"close"))
+        self.keep_alive = keep_alive
+        self.started = True
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+        lines += [b"%s: %s\r\n" % (name.encode(), value) for name, value in headers + framing]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def frame(self, data: bytes | memoryview) -> list[Any]:
+        if self._no_body or not data:
+            return []
+        if self._chunked:
+            return [b"%x\r\n" % len(data), data, b"\r\n"]
+        if self._left is not None:
+            if len(data) > self._left:
+                raise ValueError("more body than the response's content-length")
+            self._left -= len(data)
+        return [data]
+
+    def end(self, trailers: list[tuple[str, bytes]]) -> tuple[bytes, bool]:
+        self.done = True
+        if self._chunked:
+            fields = b"".join(b"%s: %s\r\n" % (name.encode(), value) for name, value in trailers)
+            return b"0\r\n" + fields + b"\r\n", True
+        return b"", not self._left
+
+
 def raw_error(status: int, body: bytes) -> bytes:
     """An error response written past h11, whose state machine may already be in ERROR."""
     reason = reason_phrase(status).decode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\ndate: {http_date()}\r\n\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\ndate: {http_date().decode()}\r\n\r\n"
             ).encode() + body
 
 
@@ -274,5 +368,12 @@ def reason_phrase(status: int) -> bytes:
         return b""
 
 
-def http_date() -> str:
-    return email.utils.formatdate(usegmt=True)
+def http_date() -> bytes:
+    """The Date header's value, formatted once a second."""
+    now = int(time.time())
+    if now != _date[0]:
+        _date[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
+    return _date[1]
+
+
+_date: list = [0, b""]

@@ -20,13 +20,12 @@ from ..runtime import GuestTrap, Runtime
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
-from .connection import Connection, http_date, reason_phrase
+from .connection import Connection, http_date
 from .request_head import clean_trailers, request_target
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
 
-_NO_BODY_STATUSES = frozenset({204, 304})
 # What `wasmtime serve` answers when the guest fails; the same bytes keep clients indifferent.
 GUEST_FAILURE_PAGE = b"""<!doctype html>
 <html>
@@ -60,8 +59,8 @@ class ClientBody:
     def _pull(self) -> None:
         """Move whatever body bytes are available now into the buffer, without blocking."""
         conn = self.conn
-        if conn.h11.they_are_waiting_for_100_continue:
-            conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+        if not self._chunks:
+            conn.continue_if_expected()
             self._flush()
         while not (self._chunks or self._done or self._error):
             try:
@@ -144,12 +143,10 @@ class ResponseWriter:
     when that is full the guest waits (poll) for the client to read, at a minimum data rate.
     """
 
-    def __init__(self, conn: Connection, method: bytes) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.head_only = method == b"HEAD"
         self.state = "pending"  # -> "streaming" -> "done" | "aborted"
         self.status = 0
-        self.chunked = False
         self.client_gone = False  # the client stopped taking the response
 
     # -- the response-outparam callback
@@ -161,26 +158,18 @@ class ResponseWriter:
             self.send_guest_failure()
             return
         response: OutgoingResponse = outcome.value
-        self.status = response.status
-        has_length = response.header_fields.first("content-length") is not None
-        self.chunked = self.conn.h11.their_http_version == b"1.1" and not has_length
         headers = response.header_fields.pairs()
-        if response.outgoing_body is None and not has_length:
-            headers.append(("content-length", "0"))  # no body at all, as hyper says it
+        if response.outgoing_body is None and response.header_fields.first("content-length") is None:
+            headers.append(("content-length", b"0"))  # no body at all, as hyper says it
         if response.header_fields.first("date") is None:
             headers.append(("date", http_date()))
-        if self.conn.must_close:
-            headers.append(("connection", "close"))
         try:
-            self.conn.send_response_head(h11.Response(status_code=response.status, headers=headers,
-                                                      reason=reason_phrase(response.status)),
-                                         self.head_only)
-        except h11.LocalProtocolError as exc:
+            self.conn.start_response(response.status, headers)
+        except ValueError as exc:
             self.send_error(500, f"the guest's response is not valid HTTP: {exc}")
             return
+        self.status = response.status
         self.state = "streaming"
-        if response.status in _NO_BODY_STATUSES:
-            self.head_only = True
         if response.outgoing_body is None:
             self.finish(None)
         else:
@@ -223,10 +212,8 @@ class ResponseWriter:
         return min(limit, room)
 
     def write(self, data: bytes | memoryview) -> None:
-        if self.head_only or not data:
-            return
         try:
-            self.conn.send(h11.Data(data=data))
+            self.conn.send_body(data)
         except OSError as exc:
             self._client_gone()
             raise StreamFailed(IoError(f"sending the response failed: {exc}",
@@ -235,13 +222,9 @@ class ResponseWriter:
     def finish(self, trailers: Optional[Fields]) -> None:
         if self.state != "streaming":
             return
-        send_trailers = trailers is not None and self.chunked and not self.head_only
-        try:
-            self.conn.send(h11.EndOfMessage(headers=trailers.pairs() if send_trailers else []))
+        if self.conn.end_response(trailers.pairs() if trailers is not None else []):
             self.state = "done"
-        except OSError:
-            self._client_gone()
-        except h11.LocalProtocolError:  # e.g. fewer bytes than the guest's content-length
+        else:  # fewer bytes than the guest's content-length
             self.abort()
 
     def flush(self) -> None:
@@ -273,28 +256,17 @@ class ResponseWriter:
 
     def _send_failure(self, status: int, content_type: str, body: bytes, close: bool) -> None:
         """Answer ``status`` if nothing was sent yet; otherwise cut the connection."""
-        if self.state == "pending" and self.conn.h11.our_state is not h11.SEND_RESPONSE:
-            # h11 refused the guest's response head: answer past it, then close.
+        if self.state == "pending" and not self.conn.responded:
             self.status = status
-            self.conn.send_error(status, body.decode(errors="replace").strip())
-            self.state = "done"
-        elif self.state == "pending":
-            self.status = status
-            headers = [("content-type", content_type), ("content-length", str(len(body))),
-                       ("date", http_date())]
             if close:
                 self.conn.must_close = True
-                headers.append(("connection", "close"))
-            try:
-                self.conn.send(h11.Response(status_code=status, reason=reason_phrase(status),
-                                            headers=headers))
-                if not self.head_only:
-                    self.conn.send(h11.Data(data=body))
-                self.conn.send(h11.EndOfMessage())
-                self.state = "done"
-            except (OSError, h11.LocalProtocolError):
-                self.state = "aborted"
-        elif self.state == "streaming":
+            self.conn.start_response(status, [("content-type", content_type.encode()),
+                                              ("content-length", str(len(body)).encode()),
+                                              ("date", http_date())])
+            self.conn.send_body(body)
+            self.conn.end_response()
+            self.state = "done"
+        elif self.state in ("pending", "streaming"):
             self.abort()
 
 
@@ -322,7 +294,7 @@ class GuestHandler:
         started = time.monotonic()
         if self.metrics is not None:
             self.metrics.in_flight.inc()
-        writer = ResponseWriter(conn, request.method)
+        writer = ResponseWriter(conn)
         try:
             self._run_guest(conn, request, writer, request_id)
         finally:

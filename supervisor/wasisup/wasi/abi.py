@@ -135,6 +135,10 @@ class Resources:
 
     def __init__(self) -> None:
         self.ctx = 0  # the Store's wasmtime_context_t*, as the trampoline last saw it
+        # Where the C API writes a pointer it returns (a Store's host calls run on one thread
+        # at a time, so one slot serves them all without allocating a ctypes object per call).
+        self._slot = ctypes.c_void_p()
+        self.slot = ctypes.addressof(self._slot)
         self._items: list[Any] = [None]  # rep 0 stays unused
         self._free: list[int] = []
 
@@ -209,11 +213,12 @@ def _lift_bytes(addr: int, res: Resources) -> bytes:
 
 
 def _resource_rep(addr: int, res: Resources) -> int:
-    host = _vp()
-    err = _any_to_host(res.ctx, _read_q(MEM, addr + 8)[0], ctypes.byref(host))
+    slot = res.slot
+    err = _any_to_host(res.ctx, _read_q(MEM, addr + 8)[0], slot)
     if err:
         _error_delete(err)
         raise Trap("a resource of the wrong type was passed to the host")
+    host = _read_q(MEM, slot)[0]
     rep = _host_rep(host)
     _host_delete(host)
     return rep
@@ -344,14 +349,13 @@ def _lower_bytes(value: bytes, addr: int, res: Resources) -> None:
 
 def _lower_own(value: Resource, addr: int, res: Resources) -> None:
     host = _host_new(True, res.add(value), value.resource_id)
-    any_ = _vp()
-    err = _host_to_any(res.ctx, host, ctypes.byref(any_))
+    err = _host_to_any(res.ctx, host, res.slot)
     _host_delete(host)
     if err:
         _error_delete(err)
         raise Trap(f"cannot hand a {type(value).__name__} to the guest")
     MEM[addr] = K_RESOURCE
-    _write_q(MEM, addr + 8, any_.value)
+    _write_q(MEM, addr + 8, _read_q(MEM, res.slot)[0])
 
 
 def lower_resource(value: Resource, addr: int, res: Resources, ctx: int) -> None:
@@ -360,11 +364,14 @@ def lower_resource(value: Resource, addr: int, res: Resources, ctx: int) -> None
     _lower_own(value, addr, res)
 
 
+_FALSE = (ctypes.c_char * VAL_SIZE)()  # a val holding `false`: nothing to free when overwritten
+
+
 def _boxed(lower: Lower, value: Any, res: Resources) -> int:
     """Lower ``value`` into a heap-allocated val (for option/result/variant payloads)."""
-    tmp = (ctypes.c_char * VAL_SIZE)()
-    lower(value, ctypes.addressof(tmp), res)
-    return _val_new(tmp)
+    boxed = _val_new(_FALSE)
+    lower(value, boxed, res)
+    return boxed
 
 
 def lowerer(ty: ValType, top_level_result: bool = False) -> Lower:

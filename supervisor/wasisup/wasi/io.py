@@ -273,19 +273,32 @@ class OutputStream(Resource):
         self.blocking_write_and_flush(bytes(size))
 
     def splice(self, src: InputStream, size: int) -> int:
-        """Move what is available now, up to ``size``, in one piece (not through the guest)."""
-        budget = self._capacity(min(size, SPLICE_BUDGET)) if size else 0
-        if not budget:
-            return 0
-        read_into = getattr(src.source, "read_into", None)
+        """Move what is available now, up to ``size``, without passing it through the guest:
+        piece after piece while the source has bytes ready and the sink takes them (each
+        call the guest saves is a trip through its own bindings)."""
+        moved = 0
+        while moved < size:
+            budget = self._capacity(min(size - moved, SPLICE_BUDGET))
+            if not budget:
+                break
+            try:
+                count = self._move(src.source, budget)
+            except (StreamClosed, StreamFailed) as exc:
+                if moved:
+                    break  # the guest hears of the end on its next call
+                raise _stream_error(exc) from None
+            if not count:
+                break
+            moved += count
+        return moved
+
+    def _move(self, source: ByteSource, budget: int) -> int:
+        read_into = getattr(source, "read_into", None)
         if read_into is None:
-            data = src.read(budget)
+            data: bytes | memoryview = source.read(budget)
         else:
             view = _splice_buffer()[:budget]
-            try:
-                data = view[:read_into(view)]
-            except (StreamClosed, StreamFailed) as exc:
-                raise _stream_error(exc) from None
+            data = view[:read_into(view)]
         if data:
             self._put(data)
         return len(data)
