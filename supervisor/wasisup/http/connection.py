@@ -291,8 +291,8 @@ def _keeps_alive(request: h11.Request) -> bool:
     """HTTP/1.1 keeps the connection unless the client says close (as h11, no 1.0 keep-alive)."""
     if request.http_version != b"1.1":
         return False
-    return not any(name == b"connection" and b"close" in value.lower()
-                   for name, value in request.headers)
+    return not any(name.lower() == b"connection" and b"close" in value.lower()
+                   for name, value in request.headers.raw_items())
 
 
 class ResponseFraming:

@@ -21,7 +21,7 @@ from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
 from .connection import Connection, http_date
-from .request_head import clean_trailers, request_target
+from .request_head import clean_trailers, header_fields, request_target
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -323,7 +323,7 @@ class GuestHandler:
                     path_with_query=path_with_query,
                     scheme="http",
                     authority=authority,
-                    headers=Fields.from_pairs(list(request.headers)),
+                    headers=Fields.from_pairs(header_fields(request)),
                     body=body,
                     waiter=guest.context.waiter)
                 hooks = guest.context.waiter.before_sleep

@@ -70,6 +70,16 @@ def skip_empty_lines(data: bytes) -> bytes:
     return data.lstrip(b"\r\n")
 
 
+def header_fields(request: h11.Request) -> list[tuple[bytes, bytes]]:
+    """The request's fields as (lower-case name, value) pairs. (Iterating h11's Headers goes
+    through the Sequence ABC one item at a time; this is one list.)"""
+    return [(name.lower(), value) for name, value in request.headers.raw_items()]
+
+
+def _host(fields: list[tuple[bytes, bytes]]) -> Optional[bytes]:
+    return next((value for name, value in fields if name == b"host"), None)
+
+
 def check_head(request: h11.Request, head: bytes, limits: Limits) -> None:
     """Raise BadRequest unless the head h11 parsed from the bytes ``head`` may be served."""
     if not request.http_version.startswith(b"1."):
@@ -79,24 +89,25 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> None:
         raise BadRequest(400, "bare LF in the request head; lines end with CRLF")
     if len(request.method) + len(request.target) + 10 > limits.request_line:
         raise BadRequest(414, "request line too long")
-    if len(request.headers) > limits.request_fields:
+    fields = header_fields(request)
+    if len(fields) > limits.request_fields:
         raise BadRequest(431, "too many header fields")
     lines = head.split(b"\r\n")[1:]
     if any(line[:1] in (b" ", b"\t") for line in lines):
         raise BadRequest(400, "a header line starts with whitespace (obs-fold)")
-    for name, value in request.headers:
+    for name, value in fields:
         if len(name) + len(value) + 2 > limits.request_field_size:
             raise BadRequest(431, f"header field {name.decode()} too large")
         if _BAD_VALUE.search(value):
             raise BadRequest(400, f"control character in header field {name.decode()}")
-    names = [name for name, _ in request.headers]
+    names = [name for name, _ in fields]
     if b"transfer-encoding" in names and b"content-length" in names:
         raise BadRequest(400, "both Content-Length and Transfer-Encoding")
     _check_content_length(_field_values(lines, b"content-length"), limits)
-    host = dict(request.headers).get(b"host")
+    host = _host(fields)
     if host is not None and not _HOST.match(host):
         raise BadRequest(400, "Host is not a valid host[:port]")
-    request_target(request)
+    request_target(request, host)
 
 
 def _check_content_length(values: list[bytes], limits: Limits) -> None:
@@ -129,12 +140,14 @@ def protocol_error(exc: h11.RemoteProtocolError, received: bytes) -> BadRequest:
     return BadRequest(exc.error_status_hint, str(exc))
 
 
-def request_target(request: h11.Request) -> tuple[Optional[str], Optional[str]]:
+def request_target(request: h11.Request,
+                   host: Optional[bytes] = None) -> tuple[Optional[str], Optional[str]]:
     """(path-with-query, authority) the guest sees, from the request-target's form (RFC 9112
     3.2): origin-form with Host; absolute-form, whose authority wins over Host; ``*`` only for
-    OPTIONS; authority-form only for CONNECT."""
+    OPTIONS; authority-form only for CONNECT. ``host``: the Host field, if known."""
     target = request.target
-    host = dict(request.headers).get(b"host")
+    if host is None:
+        host = _host(header_fields(request))
     authority = host.decode("latin-1") if host is not None else None
     if request.method == b"CONNECT":
         if not _AUTHORITY_FORM.match(target):

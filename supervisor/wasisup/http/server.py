@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import queue
 import select
@@ -36,6 +37,7 @@ log = logging.getLogger("wasisup.server")
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 ONESHOT = select.EPOLLONESHOT
 SWEEP_INTERVAL = 0.25  # how often deadlines are checked (head, keep-alive, slow clients)
+OVERFLOW_ACCEPT_INTERVAL = 0.2  # see Server._overflow_turn
 LINGER_TIME = 2.0  # reading and dropping what a client still sends after we close
 TICK_INTERVAL = 1.0
 
@@ -62,6 +64,8 @@ class Server:
         self._busy = 0  # connections queued for or held by a request thread
         self._busy_lock = threading.Lock()
         self._accepting = False
+        self._saturated_since = math.inf  # every request thread busy since (inf: not so)
+        self._last_overflow = 0.0  # when a connection was last taken while saturated
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._drain_deadline = 0.0
@@ -104,7 +108,7 @@ class Server:
             if draining and (not self.connections and self._busy == 0
                              or time.monotonic() > self._drain_deadline):
                 break
-            timeout = max(0.0, min(next_sweep, next_tick) - time.monotonic())
+            timeout = max(0.0, min(next_sweep, next_tick, self._overflow_turn()) - time.monotonic())
             for fd, events in self._epoll.poll(timeout):
                 if fd in self.listeners:
                     self._accept(self.listeners[fd])
@@ -133,8 +137,11 @@ class Server:
             pass
 
     def _accept(self, listener: socket.socket) -> None:
-        """Accept while a request thread is free: the others stay in the shared backlog."""
+        """Accept while a request thread is free: the others stay in the shared backlog, for
+        a worker that can serve them (or for this one's overflow turn)."""
         while self._can_accept():
+            if self._busy >= self.threads:
+                self._last_overflow = time.monotonic()
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -150,10 +157,25 @@ class Server:
             self._read_head(conn)  # the head often arrives with the connection
 
     def _can_accept(self) -> bool:
-        return (not self._stopping and self._busy < self.threads
-                and len(self.connections) < self.worker_connections)
+        if self._stopping or len(self.connections) >= self.worker_connections:
+            return False
+        return self._busy < self.threads or time.monotonic() >= self._overflow_turn()
+
+    def _overflow_turn(self) -> float:
+        """When a worker whose threads are all busy may take one more connection anyway.
+
+        A worker with a free thread takes a new connection at once. When every worker is busy
+        (keep-alive clients keep them so), a connection in the backlog would otherwise wait
+        for a moment no worker happens to be full, which under steady load may not come: so a
+        busy worker takes one after it has been busy for a while, one per such while.
+        """
+        return max(self._saturated_since, self._last_overflow) + OVERFLOW_ACCEPT_INTERVAL
 
     def _update_accepting(self) -> None:
+        if self._busy < self.threads:
+            self._saturated_since = math.inf
+        elif self._saturated_since == math.inf:
+            self._saturated_since = time.monotonic()
         if self._can_accept() != self._accepting:
             self._set_accepting(not self._accepting)
 
