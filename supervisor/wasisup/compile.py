@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,32 @@ def default_cache_dir() -> Path:
     return Path(base) / "cwasm"
 
 
+def require_file(path: Path, what: str) -> None:
+    """A path that is missing, a directory or unreadable, said in one line."""
+    if path.is_dir():
+        raise CompileError(f"{what} {path} is a directory: name the .wasm or .cwasm file itself")
+    if not path.exists():
+        raise CompileError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise CompileError(f"cannot read {what} {path}: permission denied")
+
+
+def require_precompiled(path: Path) -> None:
+    """``path`` looks like a .cwasm; if not, say what it is and how to make one."""
+    require_file(path, "file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == WASM_MAGIC:
+        raise CompileError(f"{path} is a .wasm, not a precompiled .cwasm: precompile it with "
+                           f"`wasisup compile {path} -o OUT.cwasm`, or serve it as it is")
+    if magic != CWASM_MAGIC:
+        raise CompileError(f"{path} is not a precompiled component (.cwasm): make one with "
+                           "`wasisup compile IN.wasm -o OUT.cwasm`")
+
+
 def compile_component(wasm: Path, out: Path) -> None:
     """Compile in this process (the ``wasisup compile`` command); written atomically."""
+    require_file(wasm, "component")
     binary = wasm.read_bytes()
     if binary[:4] != WASM_MAGIC:
         raise CompileError(f"{wasm} is not a WebAssembly binary")
@@ -90,8 +115,7 @@ class Prepared:
 
 def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     """Compile (once, cached) and check ``path`` in a child process, never in this one."""
-    if not path.is_file():
-        raise CompileError(f"component {path} does not exist")
+    require_file(path, "component")
     try:
         digest = file_sha256(path)
     except OSError as exc:
@@ -122,8 +146,18 @@ def load(engine: Engine, path: Path) -> Component:
         return Component.deserialize_file(engine, str(path))
     except WasmtimeError as exc:
         raise CompileError(
-            f"{path} cannot be loaded by this wasmtime ({WASMTIME_VERSION}): {_first_line(exc)}; "
-            f"recompile it with `wasisup compile` or serve the .wasm") from None
+            f"{path} was precompiled for another wasmtime or other engine settings "
+            f"({_root_cause(exc)}); this is wasmtime {WASMTIME_VERSION} with {ENGINE_SETTINGS}: "
+            "precompile it with `wasisup compile IN.wasm -o OUT.cwasm`, or serve the .wasm"
+        ) from None
+
+
+def _root_cause(exc: Exception) -> str:
+    """wasmtime's reason: the first line under "Caused by:", without its "0: " numbering."""
+    text = str(exc)
+    _, found, causes = text.partition("Caused by:")
+    lines = [line.strip() for line in (causes if found else text).splitlines() if line.strip()]
+    return re.sub(r"^\d+: ", "", lines[0]) if lines else type(exc).__name__
 
 
 def _first_line(exc: Exception) -> str:
