@@ -28,7 +28,7 @@ from gunicorn.config import Config, Setting
 from setproctitle import setproctitle
 
 from . import __version__, metrics
-from .compile import WASMTIME_VERSION, CompileError, Prepared, prepare
+from .compile import WASMTIME_VERSION, CompileError, Prepared, prepare, require_file
 from .settings import REUSED, SECTION, adopt
 
 log = logging.getLogger("wasisup")
@@ -204,6 +204,7 @@ class WasiApplication(BaseApplication):
         if not cfg.component:
             raise UsageError("no COMPONENT given: name the .wasm or .cwasm to serve "
                              "(see wasisup --help)")
+        require_file(Path(cfg.component), "component")  # a wrong path before a busy port
         if self.prepared is None:  # at start; on reload our master holds these addresses
             for address in cfg.address:
                 check_bindable(address)
