@@ -149,7 +149,8 @@ def compiled(tmp_path_factory) -> tuple[Path, str]:
 def test_compile_says_what_it_wrote(compiled):
     cwasm, said = compiled
     match = re.fullmatch(rf"wrote {re.escape(str(cwasm))} \((\d+\.\d) MB\) in \d+\.\d s: "
-                         r"exports wasi:http/incoming-handler@0\.2\.\d+, \d+ imports linked "
+                         r"exports wasi:http/incoming-handler@0\.2\.\d+, "
+                         r"its \d+ imported interfaces linked "
                          rf"\(wasmtime {WASMTIME}, epoch-interruption\)\n", said)
     assert match and float(match.group(1)) == round(cwasm.stat().st_size / 1e6, 1)
 
@@ -163,12 +164,13 @@ def test_check_says_what_it_checked(compiled):
 
 def test_check_tells_apart_missing_wasm_and_other_files(tmp_path):
     hello = guest("hello")
-    assert f"file {tmp_path / 'none.cwasm'} does not exist" in error_line(
+    assert f"component {tmp_path / 'none.cwasm'} does not exist" in error_line(
         "check", str(tmp_path / "none.cwasm"))
     assert f"{hello} is a .wasm, not a precompiled .cwasm: precompile it with `wasisup compile" \
         in error_line("check", str(hello))
     readme = ROOT / "README.md"
-    assert f"{readme} is not a precompiled component (.cwasm)" in error_line("check", str(readme))
+    assert f"{readme} is not a WebAssembly binary: neither a component (.wasm) nor a precompiled " \
+        "one (.cwasm, from `wasisup compile`)" in error_line("check", str(readme))
 
 
 def test_wrong_world_names_the_file(tmp_path):

@@ -28,7 +28,7 @@ from gunicorn.config import Config, Setting
 from setproctitle import setproctitle
 
 from . import __version__, metrics
-from .compile import WASMTIME_VERSION, CompileError, Prepared, prepare, require_file
+from .compile import WASMTIME_VERSION, CompileError, Prepared, component_kind, prepare
 from .settings import REUSED, SECTION, adopt
 
 log = logging.getLogger("wasisup")
@@ -112,7 +112,7 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
 BIND_ADVICE = {
     errno.EADDRINUSE: "another process listens there: stop it, or choose another port",
     errno.EACCES: "ports below 1024 need root: choose a port from 1024 up",
-    errno.EADDRNOTAVAIL: "this machine has no such address: use 127.0.0.1, 0.0.0.0 or one of its own",
+    errno.EADDRNOTAVAIL: "no interface here has that address: use 127.0.0.1, 0.0.0.0 or its own",
 }
 
 
@@ -129,10 +129,12 @@ def check_bindable(address: Any) -> None:
 def _check_tcp(host: str, port: int) -> None:
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # "" is every interface
     except socket.gaierror as exc:
         raise UsageError(f"cannot bind {shown}: {exc.strerror}: give an IP address or a host name "
                          "this machine resolves") from None
+    family, kind, proto, _, sockaddr = found[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -204,7 +206,7 @@ class WasiApplication(BaseApplication):
         if not cfg.component:
             raise UsageError("no COMPONENT given: name the .wasm or .cwasm to serve "
                              "(see wasisup --help)")
-        require_file(Path(cfg.component), "component")  # a wrong path before a busy port
+        component_kind(Path(cfg.component))  # a wrong file is named before a busy port
         if self.prepared is None:  # at start; on reload our master holds these addresses
             for address in cfg.address:
                 check_bindable(address)
@@ -237,7 +239,7 @@ class WasiApplication(BaseApplication):
                 continue
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+                hint = f"did you mean {close[0]!r}?" if close else "see README for the names"
                 raise UsageError(f"config file {path}: unknown setting {name!r} ({hint})")
             self._set(name, value, f"config file {path}: {name}")
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from . import metrics
 from .app import Parser, UsageError, WasiApplication
 from .compile import (ENGINE_SETTINGS, WASMTIME_VERSION, CompileError, compile_component,
-                      require_precompiled)
+                      component_kind)
 from .wasi.linker import LinkError
 
 
@@ -33,7 +33,7 @@ def check(cwasm: Path, named: Path) -> str:
         raise CompileError(message if message.startswith(str(named)) else f"{named}: {message}")
     imports = len(runtime.component.type.imports(runtime.engine))
     runtime.close()
-    return (f"exports {runtime.handler_export}, {imports} imports linked "
+    return (f"exports {runtime.handler_export}, its {imports} imported interfaces linked "
             f"(wasmtime {WASMTIME_VERSION}, {ENGINE_SETTINGS})")
 
 
@@ -69,7 +69,9 @@ def check_main(argv: Sequence[str]) -> int:
                     description="Check that a .cwasm loads and links here, as a worker would.")
     parser.add_argument("cwasm", type=Path, metavar="FILE.cwasm")
     cwasm = parser.parse_args(argv).cwasm
-    require_precompiled(cwasm)
+    if component_kind(cwasm) == "wasm":
+        raise CompileError(f"{cwasm} is a .wasm, not a precompiled .cwasm: precompile it with "
+                           f"`wasisup compile {cwasm} -o OUT.cwasm`, or serve it as it is")
     print(f"{cwasm}: ok, {check(cwasm, cwasm)}")
     return 0
 
@@ -80,7 +82,7 @@ COMMANDS = {"compile": compile_main, "check": check_main}
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] and argv[0] in COMMANDS:
+        if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         metrics_dir = metrics.setup()
         try:

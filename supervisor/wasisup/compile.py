@@ -41,9 +41,28 @@ def engine_config() -> Config:
 ENGINE_SETTINGS = "epoch-interruption"
 
 
-def is_precompiled(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == CWASM_MAGIC
+def component_kind(path: Path) -> str:
+    """"wasm" (a component) or "cwasm" (precompiled), told by the first bytes; anything else
+    is a CompileError saying what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise CompileError(f"component {path} does not exist") from None
+    except IsADirectoryError:
+        raise CompileError(f"component {path} is a directory: name the .wasm or .cwasm file "
+                           "itself") from None
+    except OSError as exc:
+        raise CompileError(f"cannot read component {path}: {exc.strerror}") from None
+    if head[:4] == CWASM_MAGIC:
+        return "cwasm"
+    if head[:4] != WASM_MAGIC:
+        raise CompileError(f"{path} is not a WebAssembly binary: neither a component (.wasm) "
+                           "nor a precompiled one (.cwasm, from `wasisup compile`)")
+    if head[4:8] == CORE_MODULE_VERSION:
+        raise CompileError(f"{path} is a core WebAssembly module, not a component: build a "
+                           "wasi:http/proxy component (e.g. componentize-py, jco, cargo-component)")
+    return "wasm"
 
 
 def file_sha256(path: Path) -> str:
@@ -59,40 +78,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "cwasm"
 
 
-def require_file(path: Path, what: str) -> None:
-    """A path that is missing, a directory or unreadable, said in one line."""
-    if path.is_dir():
-        raise CompileError(f"{what} {path} is a directory: name the .wasm or .cwasm file itself")
-    if not path.exists():
-        raise CompileError(f"{what} {path} does not exist")
-    if not os.access(path, os.R_OK):
-        raise CompileError(f"cannot read {what} {path}: permission denied")
-
-
-def require_precompiled(path: Path) -> None:
-    """``path`` looks like a .cwasm; if not, say what it is and how to make one."""
-    require_file(path, "file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == WASM_MAGIC:
-        raise CompileError(f"{path} is a .wasm, not a precompiled .cwasm: precompile it with "
-                           f"`wasisup compile {path} -o OUT.cwasm`, or serve it as it is")
-    if magic != CWASM_MAGIC:
-        raise CompileError(f"{path} is not a precompiled component (.cwasm): make one with "
-                           "`wasisup compile IN.wasm -o OUT.cwasm`")
-
-
 def compile_component(wasm: Path, out: Path) -> None:
     """Compile in this process (the ``wasisup compile`` command); written atomically."""
-    require_file(wasm, "component")
-    binary = wasm.read_bytes()
-    if binary[:4] != WASM_MAGIC:
-        raise CompileError(f"{wasm} is not a WebAssembly binary")
-    if binary[4:8] == CORE_MODULE_VERSION:
-        raise CompileError(f"{wasm} is a core WebAssembly module, not a component: build a "
-                           "wasi:http/proxy component (e.g. componentize-py, jco, cargo-component)")
+    if component_kind(wasm) == "cwasm":
+        raise CompileError(f"{wasm} is precompiled already: serve it as it is")
     try:
-        component = Component(Engine(engine_config()), binary)
+        component = Component(Engine(engine_config()), wasm.read_bytes())
     except WasmtimeError as exc:
         raise CompileError(f"{wasm} is not a valid WebAssembly component: {_first_line(exc)}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,12 +106,12 @@ class Prepared:
 
 def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     """Compile (once, cached) and check ``path`` in a child process, never in this one."""
-    require_file(path, "component")
+    kind = component_kind(path)
     try:
         digest = file_sha256(path)
     except OSError as exc:
         raise CompileError(f"cannot read component {path}: {exc.strerror}") from None
-    if is_precompiled(path):
+    if kind == "cwasm":
         _child("check", str(path))
         return Prepared(path, digest, 0.0)
     key = hashlib.sha256(f"{digest}|wasmtime-py {WASMTIME_VERSION}|{ENGINE_SETTINGS}".encode())

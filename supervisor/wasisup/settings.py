@@ -7,7 +7,9 @@ wasm host needs. The command line, ``--help`` and config files expose exactly th
 
 Help texts: one lower-case line, no markup, saying what the value does (the first line of a
 class's ``desc``, later lines are detail). ``--help`` adds the default. A validator turns bad
-input into a ``ValueError`` that names the problem and what to give instead.
+input into a ``ValueError`` that names the problem and what to give instead; the command line
+prefixes the flag (or config file and key). README's option table lists every setting with its
+default (tests/test_cli.py holds it to these declarations).
 """
 
 from __future__ import annotations
