@@ -182,28 +182,6 @@ def test_wrong_world_names_the_file(tmp_path):
     assert "wasi:http" in result.stderr and not out.exists()
 
 
-# -- 8. the dev wasmtime CLI
-
-
-def test_dev_wasmtime_cli_is_wasisups_wasmtime():
-    said = subprocess.run([str(wasmtime_cli()), "--version"], capture_output=True, text=True)
-    assert said.stdout.startswith(f"wasmtime {WASMTIME} ")
-
-
-def test_cwasm_from_the_wasmtime_cli(tmp_path):
-    """Its defaults differ from wasisup's engine settings: check says so and what to do; with
-    the settings README gives, the .cwasm loads."""
-    plain, matching = tmp_path / "plain.cwasm", tmp_path / "matching.cwasm"
-    cli = str(wasmtime_cli())
-    subprocess.run([cli, "compile", str(guest("hello")), "-o", str(plain)], check=True)
-    line = error_line("check", str(plain))
-    assert "collector" in line and "precompile it with `wasisup compile" in line
-    subprocess.run([cli, "compile", "-C", "collector=drc", "-W", "epoch-interruption=y",
-                    str(guest("hello")), "-o", str(matching)], check=True)
-    assert run_cli("check", str(matching)).returncode == 0
-    assert "-C collector=drc -W epoch-interruption=y" in (ROOT / "README.md").read_text()
-
-
 # -- 7. README
 
 
@@ -226,6 +204,7 @@ def test_readme_lists_every_option_with_its_default():
     for setting in exposed_settings(cfg):
         if setting.name == "config":
             continue
+        assert setting.name in rows, f"README's option table lacks {setting.name}"
         option, default = rows.pop(setting.name)
         longs = [flag for flag in setting.cli if flag.startswith("--")]
         flags = [flag for flag in setting.cli if flag not in longs] + longs[:1]
@@ -233,6 +212,31 @@ def test_readme_lists_every_option_with_its_default():
         shown = ", ".join(setting.default) if isinstance(setting.default, list) else setting.default
         assert default == ("" if shown is None else str(shown)), setting.name
     assert not rows, f"README lists options wasisup does not have: {rows}"
+
+
+# -- 8. the dev wasmtime CLI
+
+
+def test_dev_wasmtime_cli_is_wasisups_wasmtime():
+    said = subprocess.run([str(wasmtime_cli()), "--version"], capture_output=True, text=True)
+    assert said.stdout.startswith(f"wasmtime {WASMTIME} ")
+
+
+def test_cwasm_from_the_wasmtime_cli(tmp_path):
+    """Its defaults differ from wasisup's engine settings: check says so and what to do; with
+    the settings README gives, the .cwasm loads."""
+    plain, matching = tmp_path / "plain.cwasm", tmp_path / "matching.cwasm"
+    cli = str(wasmtime_cli())
+    subprocess.run([cli, "compile", str(guest("hello")), "-o", str(plain)], check=True)
+    line = error_line("check", str(plain))
+    assert "collector" in line and "precompile it with `wasisup compile" in line
+    subprocess.run([cli, "compile", "-C", "collector=drc", "-W", "epoch-interruption=y",
+                    str(guest("hello")), "-o", str(matching)], check=True)
+    assert run_cli("check", str(matching)).returncode == 0
+    assert "-C collector=drc -W epoch-interruption=y" in (ROOT / "README.md").read_text()
+
+
+# -- 9. HEAD through the reference guest: test_reference_guest.py
 
 
 # -- 10. deploy/local-docker.sh

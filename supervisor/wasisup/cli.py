@@ -40,7 +40,7 @@ def check(cwasm: Path, named: Path) -> str:
 def compile_main(argv: Sequence[str]) -> int:
     parser = Parser(prog="wasisup compile",
                     description="Precompile a component to a .cwasm for this wasmtime and engine "
-                                "settings; `wasisup OUT.cwasm` then serves it without compiling.")
+                                "settings: wasisup OUT.cwasm then serves it without compiling.")
     parser.add_argument("input", type=Path, metavar="IN.wasm", help="the component")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.cwasm",
                         help="the file to write")
@@ -67,7 +67,8 @@ def compile_main(argv: Sequence[str]) -> int:
 def check_main(argv: Sequence[str]) -> int:
     parser = Parser(prog="wasisup check",
                     description="Check that a .cwasm loads and links here, as a worker would.")
-    parser.add_argument("cwasm", type=Path, metavar="FILE.cwasm")
+    parser.add_argument("cwasm", type=Path, metavar="FILE.cwasm",
+                        help="a precompiled component, from wasisup compile")
     cwasm = parser.parse_args(argv).cwasm
     if component_kind(cwasm) == "wasm":
         raise CompileError(f"{cwasm} is a .wasm, not a precompiled .cwasm: precompile it with "
