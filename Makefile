@@ -1,5 +1,5 @@
-# Developer front door: `make serve` sets everything up and serves the reference guest;
-# `make test` runs the test suite. Both start from a fresh machine.
+# Developer front door: `make serve` sets everything up and serves the reference guest (in the
+# foreground: Ctrl-C stops it); `make test` runs the test suite. Both start from a fresh machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ guest: setup
 	$(BIN)/python guest/build.py guest/proxy -o build/proxy.wasm
 
 serve: guest
+	@echo "serving the reference guest on http://$(BIND) (upstream $(UPSTREAM)); Ctrl-C stops it"
 	$(BIN)/wasisup -w $(WORKERS) -b $(BIND) --env UPSTREAM=$(UPSTREAM) build/proxy.wasm
 
 test: setup

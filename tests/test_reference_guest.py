@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 
 import pytest
@@ -41,6 +42,23 @@ def test_forwards_method_path_query_headers_and_body(proxy):
 def test_methods_are_forwarded(proxy, method):
     status, headers, body = proxy.request(method, "/m", body=b"x" if method in ("PUT", "PATCH") else None)
     assert status == 200 and json.loads(body)["method"] == method
+
+
+def test_head_gets_the_upstream_head_without_a_trap(proxy):
+    # The upstream's content-length describes the body a GET would get; none is sent.
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        conn.request("HEAD", "/head?x=1")
+        head = conn.getresponse()
+        body = head.read()
+        conn.request("GET", "/healthz")  # same connection: the HEAD's handler is done by now
+        after = conn.getresponse().read()
+    finally:
+        conn.close()
+    assert (head.status, body, after) == (200, b"", b"ok\n")
+    assert head.getheader("x-upstream") == "yes" and head.getheader("x-wasisup-proxy") == "1"
+    assert int(head.getheader("content-length")) > 0
+    assert "trap" not in proxy.log() and "Traceback" not in proxy.log()
 
 
 def test_upstream_status_is_passed_through(proxy):

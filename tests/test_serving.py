@@ -185,7 +185,7 @@ def test_precompiled_cwasm_is_served(serve, tmp_path):
     (["/does/not/exist.wasm"], "does not exist"),
     ([str(ROOT / "README.md")], "not a WebAssembly binary"),
     (["-b", "nonsense", "{hello}"], "bind"),
-    (["-w", "many", "{hello}"], "invalid int value"),
+    (["-w", "many", "{hello}"], "give a whole number"),
     (["--max-memory", "lots", "{hello}"], "not a size"),
     (["--no-such-flag", "{hello}"], "unrecognized arguments"),
     ([], "no COMPONENT"),

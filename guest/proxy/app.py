@@ -4,7 +4,9 @@
 ``http://127.0.0.1:9000``) with its method, path, query, headers (minus Host and hop-by-hop
 ones) and body, and the upstream's answer comes back with ``x-wasisup-proxy: 1``. Bodies are
 moved with ``splice``, so they stream through the host without being copied into the guest.
-When the upstream cannot be reached or fails, the answer is a 502 naming the error-code.
+An answer that has no body by definition (to HEAD; 204, 304) is passed on as a head alone: its
+content-length describes a body that is not sent. When the upstream cannot be reached or
+fails, the answer is a 502 naming the error-code.
 """
 
 import os
@@ -16,8 +18,8 @@ from wit_world import exports
 from wit_world.imports import outgoing_handler
 from wit_world.imports.streams import StreamError_Closed
 from wit_world.imports.types import (
-    Fields, IncomingBody, OutgoingBody, OutgoingRequest, OutgoingResponse, RequestOptions,
-    ResponseOutparam, Scheme_Http, Scheme_Https,
+    Fields, IncomingBody, Method_Head, OutgoingBody, OutgoingRequest, OutgoingResponse,
+    RequestOptions, ResponseOutparam, Scheme_Http, Scheme_Https,
 )
 
 MARKER = ("x-wasisup-proxy", b"1")
@@ -28,6 +30,7 @@ HOP_BY_HOP = frozenset({
 SECOND = 1_000_000_000
 CONNECT_TIMEOUT, FIRST_BYTE_TIMEOUT, BETWEEN_BYTES_TIMEOUT = 2 * SECOND, 10 * SECOND, 10 * SECOND
 SPLICE = 1 << 20
+NO_BODY_STATUSES = frozenset({204, 304})
 
 
 def error_name(code) -> str:
@@ -81,7 +84,8 @@ class IncomingHandler(exports.IncomingHandler):
 
         with request.headers() as incoming_headers:
             outgoing = OutgoingRequest(Fields.from_list(forwarded_headers(incoming_headers)))
-        outgoing.set_method(request.method())
+        method = request.method()
+        outgoing.set_method(method)
         outgoing.set_scheme(Scheme_Https() if target.scheme == "https" else Scheme_Http())
         outgoing.set_authority(target.netloc)
         outgoing.set_path_with_query(target.path.rstrip("/") + path)
@@ -119,6 +123,9 @@ class IncomingHandler(exports.IncomingHandler):
             fields = Fields.from_list(forwarded_headers(upstream_headers) + [MARKER])
         response = OutgoingResponse(fields)
         response.set_status_code(upstream_response.status())
+        if isinstance(method, Method_Head) or upstream_response.status() in NO_BODY_STATUSES:
+            ResponseOutparam.set(response_out, Ok(response))  # a head without a body
+            return
         body = response.body()
         ResponseOutparam.set(response_out, Ok(response))
         upstream_body = upstream_response.consume()

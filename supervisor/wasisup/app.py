@@ -9,29 +9,59 @@ starts new workers and gracefully retires the old ones.
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import logging
 import os
 import runpy
 import shlex
 import socket
+import stat
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+import gunicorn
 import gunicorn.util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
-from gunicorn.config import Config
+from gunicorn.config import Config, Setting
 from setproctitle import setproctitle
 
-from . import metrics
-from .compile import CompileError, Prepared, prepare
-from .settings import GUNICORN_SETTINGS, SECTION
+from . import __version__, metrics
+from .compile import WASMTIME_VERSION, CompileError, Prepared, component_kind, prepare
+from .settings import REUSED, SECTION, adopt
 
 log = logging.getLogger("wasisup")
 ENV_ARGS = "WASISUP_CMD_ARGS"
+VERSION = f"wasisup {__version__} (wasmtime {WASMTIME_VERSION}, gunicorn {gunicorn.__version__})"
+
+USAGE = """wasisup [OPTIONS] COMPONENT
+       wasisup compile IN.wasm -o OUT.cwasm
+       wasisup check FILE.cwasm"""
+DESCRIPTION = """\
+Serve a wasi:http/proxy WebAssembly component: a master process and prefork workers.
+
+commands:
+  wasisup [OPTIONS] COMPONENT           serve COMPONENT (.wasm, compiled once and cached; or .cwasm)
+  wasisup compile IN.wasm -o OUT.cwasm  precompile for this wasmtime and engine settings
+  wasisup check FILE.cwasm              check that a .cwasm loads and links here"""
+EPILOG = """\
+Settings come from (later wins) the defaults, a config file (-c), $WASISUP_CMD_ARGS and the
+command line. Signals to the master: HUP reloads (zero downtime), TERM or QUIT stops
+gracefully, INT stops at once, TTIN/TTOU add/remove a worker, USR1 reopens the logs."""
 
 # gunicorn titles its processes "gunicorn: ..."; ours are "wasisup: master [NAME]" and so on.
 gunicorn.util._setproctitle = lambda title: setproctitle(f"wasisup: {title}")
+
+
+def _announce_wasisup(record: logging.LogRecord) -> bool:
+    """gunicorn's first line says "Starting gunicorn X"; ours names wasisup and what it runs on."""
+    if record.msg == "Starting gunicorn %s":
+        record.msg, record.args = "Starting %s", (VERSION,)
+    return True
+
+
+logging.getLogger("gunicorn.error").addFilter(_announce_wasisup)
 
 
 class UsageError(Exception):
@@ -42,43 +72,102 @@ class Parser(argparse.ArgumentParser):
     """argparse, with errors raised as UsageError (one line, exit 2) instead of printed."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+        hint = ""
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.split()[2]
+            close = difflib.get_close_matches(unknown, self._option_string_actions, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"{message} ({hint}see {self.prog} --help)")
 
 
 def exposed_settings(cfg: Config) -> list[Any]:
     """The settings wasisup offers: gunicorn's that apply, then its own."""
-    return ([cfg.settings[name] for name in GUNICORN_SETTINGS]
-            + sorted((s for s in cfg.settings.values() if s.section == SECTION),
+    return ([cfg.settings[name] for name in REUSED]
+            + sorted((s for s in cfg.settings.values() if s.section == SECTION and s.cli),
                      key=lambda s: s.order))
 
 
+def add_option(parser: argparse.ArgumentParser, setting: Setting) -> None:
+    """A setting's flag, with its help and its real default (values are checked when set)."""
+    default = setting.default
+    shown = ", ".join(map(str, default)) if isinstance(default, list) else default
+    help_text = setting.short + (f" (default: {shown})" if shown not in (None, "") else "")
+    parser.add_argument(*setting.cli, dest=setting.name, metavar=setting.meta,
+                        action=setting.action or "store", help=help_text.replace("%", "%%"))
+
+
 def build_parser(cfg: Config) -> argparse.ArgumentParser:
-    parser = Parser(prog="wasisup", usage="wasisup [OPTIONS] COMPONENT",
-                     description="Serve a wasi:http/proxy WebAssembly component "
-                                 "(`wasisup compile IN.wasm -o OUT.cwasm` precompiles one).")
+    parser = Parser(prog="wasisup", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("component", nargs="?", metavar="COMPONENT",
                         help=cfg.settings["component"].short)
+    parser.add_argument("--version", action="version", version=VERSION,
+                        help="print the versions of wasisup, wasmtime and gunicorn")
     for setting in exposed_settings(cfg):
-        setting.add_option(parser)
+        add_option(parser, setting)
     return parser
+
+
+# What to do about the usual reasons a socket cannot be bound.
+BIND_ADVICE = {
+    errno.EADDRINUSE: "another process listens there: stop it, or choose another port",
+    errno.EACCES: "ports below 1024 need root: choose a port from 1024 up",
+    errno.EADDRNOTAVAIL: "no interface here has that address: use 127.0.0.1, 0.0.0.0 or its own",
+}
 
 
 def check_bindable(address: Any) -> None:
     """Fail now, in one line, for an address gunicorn would retry binding for seconds."""
-    if isinstance(address, (str, bytes)):  # a unix socket path
-        return
-    host, port = address[0], address[1]
+    if isinstance(address, int):
+        _check_fd(address)
+    elif isinstance(address, (str, bytes)):
+        _check_unix_path(os.fsdecode(address))
+    else:
+        _check_tcp(address[0], address[1])
+
+
+def _check_tcp(host: str, port: int) -> None:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # "" is every interface
     except socket.gaierror as exc:
-        raise UsageError(f"cannot bind {host}:{port}: {exc.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
+        raise UsageError(f"cannot bind {shown}: {exc.strerror}: give an IP address or a host name "
+                         "this machine resolves") from None
+    family, kind, proto, _, sockaddr = found[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            raise UsageError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+            advice = BIND_ADVICE.get(exc.errno)
+            raise UsageError(f"cannot bind {shown}: {exc.strerror}"
+                             + (f": {advice}" if advice else "")) from None
+
+
+def _check_unix_path(path: str) -> None:
+    if path.startswith("\0"):  # the abstract namespace: nothing on disk
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"cannot bind unix:{path}: directory {directory} does not exist: "
+                         "create it, or choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot bind unix:{path}: directory {directory} is not writable by "
+                         "this user: choose another path")
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise UsageError(f"cannot bind unix:{path}: it exists and is not a socket: remove it, "
+                         "or choose another path")
+
+
+def _check_fd(fd: int) -> None:
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise UsageError(f"cannot bind fd://{fd}: it is not an open socket (fd:// takes a "
+                         "listening socket a process manager passes in)")
 
 
 class WasiApplication(BaseApplication):
@@ -96,41 +185,45 @@ class WasiApplication(BaseApplication):
 
     def load_default_config(self) -> None:
         super().load_default_config()
-        # Where wasisup's defaults differ from gunicorn's: a request often waits on I/O
-        # (outbound calls), so a worker has several threads; gunicorn's control socket is
-        # off (it writes to $HOME, which is read-only in a hardened container).
-        self.cfg.set("threads", 4)
+        adopt(self.cfg.settings)
+        # gunicorn's control socket is off: it writes to $HOME, read-only in a hardened container.
         self.cfg.set("control_socket_disable", True)
-        # Heartbeat files in memory: a /tmp on disk can stall them (gunicorn #1194).
-        if os.path.isdir("/dev/shm"):
-            self.cfg.set("worker_tmp_dir", "/dev/shm")
 
     def load_config(self) -> None:
         cfg = self.cfg
         parser = build_parser(cfg)
-        args = parser.parse_args(shlex.split(os.environ.get(ENV_ARGS, "")) + self.argv)
+        try:
+            env_args = shlex.split(os.environ.get(ENV_ARGS, ""))
+        except ValueError as exc:
+            raise UsageError(f"${ENV_ARGS}: {exc}: quote it as a shell would") from None
+        args = parser.parse_args(env_args + self.argv)
         if args.config:
             self._load_file(args.config)
         for setting in [cfg.settings["component"], *exposed_settings(cfg)]:
             value = getattr(args, setting.name, None)
             if value is not None:
-                self._set(setting.name, value)
+                self._set(setting.name, value, "/".join(setting.cli or [setting.meta]))
         if not cfg.component:
-            raise UsageError("no COMPONENT given (a .wasm or .cwasm to serve)")
+            raise UsageError("no COMPONENT given: name the .wasm or .cwasm to serve "
+                             "(see wasisup --help)")
+        component_kind(Path(cfg.component))  # a wrong file is named before a busy port
         if self.prepared is None:  # at start; on reload our master holds these addresses
             for address in cfg.address:
                 check_bindable(address)
-        self._set("worker_class", "wasisup.worker.WasmWorker")
-        self._set("default_proc_name", Path(cfg.component).name)
-        self._set("child_exit", _child_exit)
-        self._set("when_ready", _when_ready)
+            if cfg.metrics_bind:
+                check_bindable(gunicorn.util.parse_address(cfg.metrics_bind))
+        cfg.set("worker_class", "wasisup.worker.WasmWorker")
+        cfg.set("default_proc_name", Path(cfg.component).name)
+        cfg.set("child_exit", _child_exit)
+        cfg.set("when_ready", _when_ready)
         self.prepared = prepare(Path(cfg.component))
 
-    def _set(self, name: str, value: Any) -> None:
+    def _set(self, name: str, value: Any, source: str) -> None:
+        """Set a value; a bad one is a UsageError naming where it came from (flag or file)."""
         try:
             self.cfg.set(name, value)
         except (ValueError, TypeError) as exc:
-            raise UsageError(f"invalid value for {name}: {exc}") from None
+            raise UsageError(f"{source}: {exc}") from None
 
     def _load_file(self, path: str) -> None:
         """A gunicorn-style Python config file: top-level names are setting names."""
@@ -145,8 +238,10 @@ class WasiApplication(BaseApplication):
             if name.startswith("_") or callable(value) or type(value).__name__ == "module":
                 continue
             if name not in known:
-                raise UsageError(f"config file {path}: unknown setting {name!r}")
-            self._set(name, value)
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "see README for the names"
+                raise UsageError(f"config file {path}: unknown setting {name!r} ({hint})")
+            self._set(name, value, f"config file {path}: {name}")
 
     def reload(self) -> None:
         """HUP: re-read the configuration; if it is now broken, keep serving the old one."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,9 +41,28 @@ def engine_config() -> Config:
 ENGINE_SETTINGS = "epoch-interruption"
 
 
-def is_precompiled(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == CWASM_MAGIC
+def component_kind(path: Path) -> str:
+    """"wasm" (a component) or "cwasm" (precompiled), told by the first bytes; anything else
+    is a CompileError saying what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise CompileError(f"component {path} does not exist") from None
+    except IsADirectoryError:
+        raise CompileError(f"component {path} is a directory: name the .wasm or .cwasm file "
+                           "itself") from None
+    except OSError as exc:
+        raise CompileError(f"cannot read component {path}: {exc.strerror}") from None
+    if head[:4] == CWASM_MAGIC:
+        return "cwasm"
+    if head[:4] != WASM_MAGIC:
+        raise CompileError(f"{path} is not a WebAssembly binary: neither a component (.wasm) "
+                           "nor a precompiled one (.cwasm, from `wasisup compile`)")
+    if head[4:8] == CORE_MODULE_VERSION:
+        raise CompileError(f"{path} is a core WebAssembly module, not a component: build a "
+                           "wasi:http/proxy component (e.g. componentize-py, jco, cargo-component)")
+    return "wasm"
 
 
 def file_sha256(path: Path) -> str:
@@ -60,14 +80,10 @@ def default_cache_dir() -> Path:
 
 def compile_component(wasm: Path, out: Path) -> None:
     """Compile in this process (the ``wasisup compile`` command); written atomically."""
-    binary = wasm.read_bytes()
-    if binary[:4] != WASM_MAGIC:
-        raise CompileError(f"{wasm} is not a WebAssembly binary")
-    if binary[4:8] == CORE_MODULE_VERSION:
-        raise CompileError(f"{wasm} is a core WebAssembly module, not a component: build a "
-                           "wasi:http/proxy component (e.g. componentize-py, jco, cargo-component)")
+    if component_kind(wasm) == "cwasm":
+        raise CompileError(f"{wasm} is precompiled already: serve it as it is")
     try:
-        component = Component(Engine(engine_config()), binary)
+        component = Component(Engine(engine_config()), wasm.read_bytes())
     except WasmtimeError as exc:
         raise CompileError(f"{wasm} is not a valid WebAssembly component: {_first_line(exc)}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,13 +106,12 @@ class Prepared:
 
 def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     """Compile (once, cached) and check ``path`` in a child process, never in this one."""
-    if not path.is_file():
-        raise CompileError(f"component {path} does not exist")
+    kind = component_kind(path)
     try:
         digest = file_sha256(path)
     except OSError as exc:
         raise CompileError(f"cannot read component {path}: {exc.strerror}") from None
-    if is_precompiled(path):
+    if kind == "cwasm":
         _child("check", str(path))
         return Prepared(path, digest, 0.0)
     key = hashlib.sha256(f"{digest}|wasmtime-py {WASMTIME_VERSION}|{ENGINE_SETTINGS}".encode())
@@ -123,8 +138,18 @@ def load(engine: Engine, path: Path) -> Component:
         return Component.deserialize_file(engine, str(path))
     except WasmtimeError as exc:
         raise CompileError(
-            f"{path} cannot be loaded by this wasmtime ({WASMTIME_VERSION}): {_first_line(exc)}; "
-            f"recompile it with `wasisup compile` or serve the .wasm") from None
+            f"{path} was precompiled for another wasmtime or other engine settings "
+            f"({_root_cause(exc)}); this is wasmtime {WASMTIME_VERSION} with {ENGINE_SETTINGS}: "
+            "precompile it with `wasisup compile IN.wasm -o OUT.cwasm`, or serve the .wasm"
+        ) from None
+
+
+def _root_cause(exc: Exception) -> str:
+    """wasmtime's reason: the first line under "Caused by:", without its "0: " numbering."""
+    text = str(exc)
+    _, found, causes = text.partition("Caused by:")
+    lines = [line.strip() for line in (causes if found else text).splitlines() if line.strip()]
+    return re.sub(r"^\d+: ", "", lines[0]) if lines else type(exc).__name__
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,58 +1,96 @@
-"""Every wasisup option, declared once: gunicorn ``Setting`` classes (flag, config key, default,
-validator, help).
+"""Every wasisup option, declared once: flag, config key, default, validator and help.
 
-gunicorn's own settings are reused where they mean the same thing (``GUNICORN_SETTINGS``);
-the classes below add what a wasm host needs. The command line exposes exactly these.
+gunicorn's settings are reused where they mean the same thing: ``REUSED`` maps each one's
+config key to how wasisup offers it (its help, and its default, validator or metavar where they
+differ from gunicorn's; the flags stay gunicorn's). The ``Setting`` classes below add what a
+wasm host needs. The command line, ``--help`` and config files expose exactly these.
+
+Help texts: one lower-case line, no markup, saying what the value does (the first line of a
+class's ``desc``, later lines are detail). ``--help`` adds the default. A validator turns bad
+input into a ``ValueError`` that names the problem and what to give instead; the command line
+prefixes the flag (or config file and key). README's option table lists every setting with its
+default (tests/test_cli.py holds it to these declarations).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from gunicorn.config import Setting, validate_pos_int, validate_string, validate_list_string
+from gunicorn.config import Setting, validate_list_string, validate_string
+from gunicorn.util import parse_address
 
 from .http.outbound_policy import HostPattern
 
 SECTION = "wasisup"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ADDRESS_FORMS = "use HOST:PORT (e.g. 127.0.0.1:8000), [IPV6]:PORT or unix:PATH"
 
-# gunicorn's settings that wasisup exposes unchanged (config-file keys).
-GUNICORN_SETTINGS = (
-    "config", "bind", "workers", "threads", "timeout", "graceful_timeout", "keepalive",
-    "max_requests", "max_requests_jitter", "backlog", "pidfile", "loglevel", "accesslog",
-    "errorlog", "limit_request_line", "limit_request_fields", "limit_request_field_size",
-    "proc_name", "worker_connections", "worker_tmp_dir",
-)
+
+def whole_number(minimum: int) -> Callable[[object], int]:
+    """A validator for whole numbers from ``minimum`` up (gunicorn's accepts 0 workers)."""
+
+    def validate(value: object) -> int:
+        try:
+            number = value if type(value) is int else int(str(value).strip())
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise ValueError(f"give a whole number of at least {minimum}, not {value!r}")
+        return number
+
+    return validate
+
+
+validate_count = whole_number(0)
+validate_positive = whole_number(1)
 
 
 def validate_size(value: object) -> int:
     """A byte count: an integer, optionally with a K/M/G (binary) suffix; 0 means no limit."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", str(value))
-        if not match:
-            raise ValueError(f"not a size: {value!r} (use bytes, or e.g. 64M)")
-        number = int(match.group(1)) * 1024 ** " KMG".index((match.group(2) or " ").upper())
-    if number < 0:
-        raise ValueError(f"size must be positive: {value!r}")
-    return number
+    if type(value) is int and value >= 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size: give bytes, or e.g. 64K, 256M, 1G")
+    return int(match.group(1)) * 1024 ** " KMG".index((match.group(2) or " ").upper())
 
 
 def validate_seconds(value: object) -> float:
     try:
         seconds = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"not a number of seconds: {value!r}") from None
-    if seconds < 0:
-        raise ValueError(f"seconds must be positive: {value!r}")
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise ValueError(f"give a number of seconds (0 or more), not {value!r}")
     return seconds
 
 
-def validate_positive(value: object) -> int:
-    number = validate_pos_int(value)
-    if number < 1:
-        raise ValueError(f"must be at least 1: {value!r}")
-    return number
+def validate_loglevel(value: object) -> str:
+    level = str(value).lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a log level: use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def validate_binds(value: object) -> list[str]:
+    """Addresses to listen on, each checked the way gunicorn will parse it."""
+    addresses = validate_list_string(value)
+    for address in addresses:
+        if address.count("[") != address.count("]"):
+            raise ValueError(f"{address!r} has an unclosed '[': write an IPv6 address as "
+                             "[IPV6]:PORT, e.g. [::1]:8000")
+        try:
+            parsed = parse_address(address)
+        except RuntimeError as exc:  # e.g. "'x' is not a valid port number."
+            raise ValueError(f"{address!r}: {str(exc).rstrip('.')}; {ADDRESS_FORMS}") from None
+        if parsed == "":
+            raise ValueError(f"{address!r} names no socket file: give unix:PATH")
+        if isinstance(parsed, tuple) and not 0 <= parsed[1] <= 65535:
+            raise ValueError(f"{address!r}: port {parsed[1]} is out of range (0-65535)")
+    return addresses
 
 
 def validate_env(value: object) -> list[tuple[str, str]]:
@@ -63,7 +101,7 @@ def validate_env(value: object) -> list[tuple[str, str]]:
     for item in validate_list_string(value):
         key, sep, val = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"guest environment entry {item!r} is not KEY=VALUE")
+            raise ValueError(f"{item!r} is not KEY=VALUE (e.g. UPSTREAM=http://127.0.0.1:9000)")
         pairs.append((key, val))
     return pairs
 
@@ -73,8 +111,8 @@ def validate_host_port(value: object) -> str | None:
         return None
     text = validate_string(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT: give e.g. 127.0.0.1:9090")
     return text
 
 
@@ -86,6 +124,77 @@ def validate_patterns(value: object) -> list[str]:
     return patterns
 
 
+_GUNICORN = object()  # "as gunicorn has it"
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A gunicorn setting as wasisup offers it: wasisup's help, and what else differs."""
+
+    help: str
+    default: Any = _GUNICORN
+    validator: Callable[[object], Any] | None = None
+    meta: str | None = None
+
+    def adopt(self, setting: Setting) -> None:
+        setting.short = setting.desc = self.help
+        if self.meta:
+            setting.meta = self.meta
+        if self.validator:
+            setting.validator = self.validator
+        if self.default is not _GUNICORN:
+            setting.default = self.default
+            setting.set(self.default)
+
+
+# gunicorn's settings that wasisup exposes, in --help order (config-file keys).
+REUSED: dict[str, Reuse] = {
+    "config": Reuse("a Python config file whose top-level names set options, e.g. "
+                    "workers = 4 (README lists the names)", default=None, meta="FILE"),
+    "bind": Reuse("where to listen: HOST:PORT, [IPV6]:PORT or unix:PATH; repeatable; "
+                  "$PORT makes the default 0.0.0.0:$PORT", validator=validate_binds),
+    "workers": Reuse("worker processes; $WEB_CONCURRENCY sets the default",
+                     validator=validate_positive),
+    "threads": Reuse("request threads per worker", default=4, validator=validate_positive),
+    "timeout": Reuse("a worker silent this long is killed and replaced; 0: never",
+                     validator=validate_count, meta="SECONDS"),
+    "graceful_timeout": Reuse("time in-flight requests get to finish on TERM, QUIT or HUP",
+                              validator=validate_count, meta="SECONDS"),
+    "keepalive": Reuse("an idle keep-alive connection is closed after this",
+                       validator=validate_count, meta="SECONDS"),
+    "max_requests": Reuse("restart a worker after this many requests; 0: never",
+                          validator=validate_count),
+    "max_requests_jitter": Reuse("plus a random 0..N, so workers do not restart together",
+                                 validator=validate_count),
+    "backlog": Reuse("pending connections per listening socket", validator=validate_positive),
+    "pidfile": Reuse("write the master's pid to this file"),
+    "loglevel": Reuse(f"log level: {', '.join(LOG_LEVELS)}", validator=validate_loglevel),
+    "accesslog": Reuse("write one line per request to this file (-: stdout)"),
+    "errorlog": Reuse("write the log to this file (-: stderr); guest stdout/stderr lines go "
+                      "there too"),
+    "limit_request_line": Reuse("a longer request line gets a 414", validator=validate_positive,
+                                meta="BYTES"),
+    "limit_request_fields": Reuse("more header fields get a 431", validator=validate_positive),
+    "limit_request_field_size": Reuse("a larger header field gets a 431",
+                                      validator=validate_positive, meta="BYTES"),
+    "proc_name": Reuse('NAME in the process titles "wasisup: master [NAME]" and '
+                       '"wasisup: worker [NAME]"; unset: the file name of the component',
+                       meta="NAME"),
+    "worker_connections": Reuse("open client connections a worker holds at most; beyond, "
+                                "new ones wait in the backlog", validator=validate_positive),
+    # Heartbeat files in memory: a /tmp on disk can stall them (gunicorn #1194).
+    "worker_tmp_dir": Reuse("where workers keep their heartbeat files (/dev/shm if it exists, "
+                            "else the system's temporary directory)", meta="DIR",
+                            default="/dev/shm" if os.path.isdir("/dev/shm") else None),
+}
+
+
+def adopt(settings: dict[str, Setting]) -> None:
+    """Make a gunicorn ``Config``'s settings wasisup's: its help, defaults and validators."""
+    for name, reuse in REUSED.items():
+        reuse.adopt(settings[name])
+
+
 class Component(Setting):
     name = "component"
     section = SECTION
@@ -93,10 +202,10 @@ class Component(Setting):
     validator = validate_string
     default = None
     desc = """\
-        The wasi:http/proxy component to serve: a .wasm, or a .cwasm from ``wasisup compile``.
+        the wasi:http/proxy component to serve: a .wasm (compiled once, cached) or a .cwasm
 
         A .wasm is compiled once, in a child process, into a cache keyed by its hash, the
-        wasmtime version and the engine settings.
+        wasmtime version and the engine settings; a .cwasm comes from `wasisup compile`.
         """
 
 
@@ -109,7 +218,7 @@ class GuestEnv(Setting):
     validator = validate_env
     default = []
     desc = """\
-        Set an environment variable in the guest (repeatable).
+        an environment variable for the guest; repeatable (a dict in a config file)
         """
 
 
@@ -118,13 +227,12 @@ class MaxInstanceReuse(Setting):
     section = SECTION
     cli = ["--max-instance-reuse"]
     meta = "INT"
-    type = int
     validator = validate_positive
     default = 1
     desc = """\
-        Requests one guest instance serves before it is replaced by a fresh one.
+        requests one guest instance serves before a fresh one replaces it
 
-        1 (the default) gives every request a fresh instance, like ``wasmtime serve``.
+        1 (the default) gives every request a fresh instance, like `wasmtime serve`.
         """
 
 
@@ -136,7 +244,7 @@ class RequestTimeout(Setting):
     validator = validate_seconds
     default = 0
     desc = """\
-        The guest's deadline per request (0: none); past it the request gets a 504.
+        the guest's deadline per request, past which it gets a 504; 0: none
         """
 
 
@@ -148,7 +256,7 @@ class MaxMemory(Setting):
     validator = validate_size
     default = 0
     desc = """\
-        Linear memory a guest instance may grow to (e.g. 256M; 0: unlimited).
+        linear memory a guest instance may grow to (e.g. 256M), past which a 500; 0: unlimited
         """
 
 
@@ -160,7 +268,7 @@ class LimitRequestBody(Setting):
     validator = validate_size
     default = 0
     desc = """\
-        The largest request body accepted (0: unlimited); larger gets a 413.
+        a larger request body gets a 413 (e.g. 10M); 0: unlimited
         """
 
 
@@ -173,7 +281,7 @@ class AllowOutbound(Setting):
     validator = validate_patterns
     default = []
     desc = """\
-        A host the guest may send requests to: HOST or HOST:PORT (repeatable).
+        a host the guest may send requests to: HOST or HOST:PORT, * for one label; repeatable; unset: any (with a warning)
 
         A ``*`` stands for one whole label: ``*.example.com``, ``10.0.0.*``; an IPv6 address
         goes in brackets, ``[::1]:8080``. Requests to any other host (or port) fail with
@@ -191,7 +299,7 @@ class MetricsBind(Setting):
     validator = validate_host_port
     default = None
     desc = """\
-        Where the master serves Prometheus metrics (/metrics); off when unset.
+        where the master serves Prometheus metrics (/metrics); unset: off
         """
 
 
@@ -203,8 +311,7 @@ class HeaderTimeout(Setting):
     validator = validate_seconds
     default = 20
     desc = """\
-        Time a client has to send a whole request head, from its first byte (or from
-        connecting); past it the request gets a 408 and the connection is closed.
+        a request head must arrive whole within this, from its first byte; else 408
 
         Heads are read by the worker's event loop, so a slow client holds a connection slot
         (see --worker-connections), never a request thread.
@@ -219,9 +326,11 @@ class MinDataRate(Setting):
     validator = validate_seconds
     default = 240
     desc = """\
-        The slowest a client may send a request body or read a response while the server
-        waits on it, after --data-rate-grace (0: no minimum). Slower clients get a 408 (body)
-        or are disconnected (response).
+        the slowest a client may send a body or read a response while we wait on it; 0: any
+
+        Measured over --data-rate-grace: a client must move rate x grace bytes within every
+        such window the server spends waiting on it. A slower body gets a 408; a slower reader
+        is disconnected (Kestrel's defaults: 240 bytes/s after 5 s).
         """
 
 
@@ -233,8 +342,7 @@ class DataRateGrace(Setting):
     validator = validate_seconds
     default = 5
     desc = """\
-        The window over which --min-data-rate is measured: a client must move
-        rate x grace bytes within every such window the server spends waiting on it.
+        the window over which --min-data-rate is measured
         """
 
 
@@ -246,7 +354,8 @@ class ComputeTimeout(Setting):
     validator = validate_seconds
     default = 0
     desc = """\
-        The longest a guest may run wasm without waiting for I/O (0: the worker --timeout);
-        past it the request gets a 504. A guest that mostly waits (a slow upstream, a long
-        download) is not limited by this; see --request-timeout for that.
+        a guest running wasm this long without waiting for I/O is stopped (504); 0: --timeout
+
+        A guest that mostly waits (a slow upstream, a long download) is not limited by this;
+        --request-timeout bounds a whole request.
         """
