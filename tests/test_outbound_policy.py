@@ -110,7 +110,7 @@ def test_bad_pattern_is_a_startup_error(pattern):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("wasisup: error: invalid value for allow_outbound")
+    assert lines[0].startswith(f"wasisup: error: --allow-outbound: {pattern!r}")
 
 
 class RecordingService:
