@@ -31,6 +31,9 @@ log = logging.getLogger("wasisup.outbound")
 
 DEFAULT_TIMEOUT_NS = 600 * 10**9  # wasmtime's default for every request-options timeout
 RECV_SIZE = 256 * 1024
+# While the head is awaited, reads are small: what follows it is better left in the socket for
+# the body to be read straight into a splice's buffer than copied through h11.
+HEAD_RECV_SIZE = 16 * 1024
 # Request body the exchange holds before the guest must wait for the upstream to take it.
 SEND_BUFFER = 256 * 1024
 # A request whose framed bytes fit in this much is kept until the response starts, so it can
@@ -234,7 +237,7 @@ class Exchange:
 
     def _receive(self) -> bool:
         """Feed h11 what the socket has now; False if nothing was there."""
-        data = self.conn.recv(RECV_SIZE)
+        data = self.conn.recv(HEAD_RECV_SIZE if self.response is None else RECV_SIZE)
         if data is None:
             return False
         if not data and not self._received_any and self._may_replay():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.utils
 import fcntl
+import select
 import socket
 import struct
 import termios
@@ -234,6 +235,12 @@ class Connection:
             if sent:
                 del self.out[:sent]
         return not self.out
+
+    def readable_within(self, seconds: float) -> bool:
+        """Does the client send something within ``seconds``?"""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
 
     @property
     def partial_head(self) -> bool:

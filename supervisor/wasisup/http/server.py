@@ -38,7 +38,11 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 ONESHOT = select.EPOLLONESHOT
 SWEEP_INTERVAL = 0.25  # how often deadlines are checked (head, keep-alive, slow clients)
 OVERFLOW_ACCEPT_INTERVAL = 0.2  # see Server._overflow_turn
-LINGER_TIME = 2.0  # reading and dropping what a client still sends after we close
+# How long a request thread with nothing else to do waits for the same client's next request
+# before handing the connection back to the loop: a busy keep-alive client is then served
+# without a trip through the loop and another thread.
+NEXT_REQUEST_WAIT = 0.001
+CLOSE_DRAIN_TIME = 2.0  # reading and dropping what a client still sends after we close
 TICK_INTERVAL = 1.0
 
 Handler = Callable[[Connection, h11.Request], None]
@@ -108,7 +112,10 @@ class Server:
             if draining and (not self.connections and self._busy == 0
                              or time.monotonic() > self._drain_deadline):
                 break
-            timeout = max(0.0, min(next_sweep, next_tick, self._overflow_turn()) - time.monotonic())
+            wake_by = min(next_sweep, next_tick)
+            if not self._accepting:  # (when it is, a new connection wakes the loop anyway)
+                wake_by = min(wake_by, self._overflow_turn())
+            timeout = max(0.0, wake_by - time.monotonic())
             for fd, events in self._epoll.poll(timeout):
                 if fd in self.listeners:
                     self._accept(self.listeners[fd])
@@ -292,7 +299,7 @@ class Server:
                 if conn.writing.expired(now):
                     self._close(conn)
             elif state == "linger":
-                if now - conn.idle_since > LINGER_TIME:
+                if now - conn.idle_since > CLOSE_DRAIN_TIME:
                     self._close(conn)
 
     # -- request threads
@@ -343,6 +350,8 @@ class Server:
                 return
             try:
                 request = conn.read_head(receive=False)  # pipelined, already read
+                if request is None and self._jobs.empty() and conn.readable_within(NEXT_REQUEST_WAIT):
+                    request = conn.read_head()  # a busy client's next request: serve it here
             except BadRequest as exc:
                 conn.send_error(exc.status, exc.reason)
                 self._finish(conn, keep=False)
