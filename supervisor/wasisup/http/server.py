@@ -356,6 +356,9 @@ class Server:
                 conn.send_error(exc.status, exc.reason)
                 self._finish(conn, keep=False)
                 return
+            except ClientGone:
+                self._close(conn)
+                return
         self._finish(conn, keep=True)
 
     def _finish(self, conn: Connection, keep: Optional[bool]) -> None:
