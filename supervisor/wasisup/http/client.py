@@ -281,7 +281,7 @@ class Exchange:
 
     def take_into(self, view: memoryview) -> int:
         """Like ``take``, straight into ``view`` when the body comes raw from the socket."""
-        if self.buffer or not self._raw_left:
+        if self.buffer or not self._raw_left or self.conn is None:
             chunk = self.take(len(view))
             view[:len(chunk)] = chunk
             return len(chunk)
