@@ -117,6 +117,62 @@ class Server:
             conn.close()
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def title(pid: int) -> str:
+    """A process's title, or "" once it has exited (it may go between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def workers(master: int) -> list[int]:
+    return [pid for pid in children(master) if "wasisup: worker" in title(pid)]
+
+
+def wait_until(condition, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class BackgroundClients:
+    """``count`` threads running ``client`` until the ``with`` block ends."""
+
+    def __init__(self, count: int) -> None:
+        self.stop = threading.Event()
+        self._threads = [threading.Thread(target=self.client, daemon=True) for _ in range(count)]
+
+    def client(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """``wasisup ARGS`` to completion, its output captured (for commands that exit)."""
     return subprocess.run([sys.executable, "-m", "wasisup", *args], capture_output=True, text=True,

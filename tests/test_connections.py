@@ -13,8 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import guest
-from test_supervisor import wait_until, workers
+from conftest import BackgroundClients, guest, wait_until, workers
 
 
 def timed_get(port: int, path: str = "/", timeout: float = 3.0) -> float:
@@ -178,22 +177,20 @@ def test_a_busy_worker_leaves_new_connections_to_the_others(serve):
         assert len(owners) == 2, "both connections went to one worker"
 
 
-class KeepAliveClients:
-    """Clients on kept-alive connections, a request every 20 ms, until stopped. A request
-    sent on an open connection that gets no answer is lost; a new connection refused after
-    the server closed its listener is not."""
+class KeepAliveClients(BackgroundClients):
+    """Clients on kept-alive connections, a request every 20 ms. A request sent on an open
+    connection that gets no answer is lost; a new connection refused after the server closed
+    its listener is not."""
 
     def __init__(self, port: int, count: int = 8) -> None:
+        super().__init__(count)
         self.port = port
         self.answers: list[bytes] = []
         self.lost: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
 
-    def _run(self) -> None:
+    def client(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        while not self._stop.is_set():
-            fresh = conn.sock is None
+        while not self.stop.is_set():
             if conn.sock is None:
                 try:
                     conn.connect()
@@ -207,20 +204,10 @@ class KeepAliveClients:
                     self.lost.append(f"status {response.status}")
                 self.answers.append(body)
             except Exception as exc:
-                self.lost.append(f"{exc!r} fresh={fresh} t={time.monotonic():.3f}")
+                self.lost.append(repr(exc))
                 conn.close()
             time.sleep(0.02)
         conn.close()
-
-    def __enter__(self) -> "KeepAliveClients":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 def test_term_under_keep_alive_load_loses_nothing(serve):

@@ -14,42 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, guest, run_cli
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return sorted(found)
-
-
-def title(pid: int) -> str:
-    """A process's title, or "" once it has exited (it may go between listing and reading)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
-def workers(master: int) -> list[int]:
-    return [pid for pid in children(master) if "wasisup: worker" in title(pid)]
-
-
-def wait_until(condition, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from conftest import BackgroundClients, free_port, guest, run_cli, title, wait_until, workers
 
 
 def metrics_text(port: int) -> str:
@@ -57,35 +22,24 @@ def metrics_text(port: int) -> str:
         return response.read().decode()
 
 
-class Load:
-    """Requests in a loop from a few threads, recording every outcome, until stopped."""
+class Load(BackgroundClients):
+    """Requests in a loop, each on a new connection, recording every outcome."""
 
     def __init__(self, server, path: str = "/", threads: int = 3) -> None:
+        super().__init__(threads)
         self.server, self.path = server, path
         self.results: list[tuple[int, bytes]] = []
         self.errors: list[str] = []
         self.error_times: list[float] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def client(self) -> None:
+        while not self.stop.is_set():
             try:
                 status, _, body = self.server.request("GET", self.path, timeout=30)
                 self.results.append((status, body))
             except Exception as exc:  # a failed request is what these tests count
                 self.errors.append(repr(exc))
                 self.error_times.append(time.monotonic())
-
-    def __enter__(self) -> "Load":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 def test_workers_and_process_titles(serve):
