@@ -483,17 +483,35 @@ _SIMPLE_LOWERS: dict[type, Lower] = {
 class HostFunction:
     """One imported function bound to a Python callable, with its converters prepared."""
 
-    __slots__ = ("name", "func", "pass_store", "lifts", "lower", "lower_err")
+    __slots__ = ("name", "func", "arguments", "lower", "lower_err")
 
     def __init__(self, name: str, func: Callable[..., Any], params: list[ValType],
                  result: Optional[ValType]) -> None:
         self.name = name
         self.func = func
         # A method gets its resource first; any other function gets the Store's state first.
-        self.pass_store = "[method]" not in name
-        self.lifts = [lifter(t) for t in params]
+        self.arguments = _argument_reader([lifter(t) for t in params], "[method]" not in name)
         self.lower = lowerer(result, top_level_result=True) if result is not None else None
         self.lower_err = self.lower if isinstance(result, ResultType) else None
+
+
+def _argument_reader(lifts: list[Lift], pass_store: bool) -> Callable[[int, Resources], tuple]:
+    """The function that reads a call's arguments (most calls take one or two: those get a
+    reader without a loop)."""
+    if len(lifts) == 1:
+        (first,) = lifts
+        if pass_store:
+            return lambda args, res: (res, first(args, res))
+        return lambda args, res: (first(args, res),)
+    if len(lifts) == 2:
+        first, second = lifts
+        if pass_store:
+            return lambda args, res: (res, first(args, res), second(args + VAL_SIZE, res))
+        return lambda args, res: (first(args, res), second(args + VAL_SIZE, res))
+    offsets = [(i * VAL_SIZE, lift) for i, lift in enumerate(lifts)]
+    if pass_store:
+        return lambda args, res: (res, *[lift(args + at, res) for at, lift in offsets])
+    return lambda args, res: tuple(lift(args + at, res) for at, lift in offsets)
 
 
 # The per-Store resource tables, by wasmtime_context_t address (the ctx a callback receives).
@@ -516,11 +534,8 @@ def _trampoline(data: int, ctx: int, _ty: int, args: int, _nargs: int, results: 
     try:
         res = STORES[ctx]
         res.ctx = ctx
-        params = [lift(args + i * VAL_SIZE, res) for i, lift in enumerate(fn.lifts)]
-        if fn.pass_store:
-            params.insert(0, res)
         try:
-            value = fn.func(*params)
+            value = fn.func(*fn.arguments(args, res))
         except Err as err:
             if fn.lower_err is None:
                 raise Trap(f"{fn.name}: error {err.value!r}") from None
