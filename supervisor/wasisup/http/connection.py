@@ -32,6 +32,10 @@ RECV_SIZE = 64 * 1024
 OUT_HIGH_WATER = 256 * 1024
 # Smaller writes collect in ``out`` until a flush; bigger ones go to the socket at once.
 DIRECT_SEND = 16 * 1024
+# Response bytes the kernel may hold that it has not sent yet (TCP_NOTSENT_LOWAT): enough to
+# keep a fast client's pipe full, little for a client that stops reading.
+UNSENT_LIMIT = 512 * 1024
+SIOCOUTQNSD = 0x894B  # Linux: bytes in a socket's send queue not sent yet
 
 
 class ClientGone(Exception):
@@ -80,8 +84,11 @@ class Connection:
 
     def __init__(self, sock: socket.socket, peer: Any, limits: Limits) -> None:
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if self._tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Writable only while little is queued unsent (see _send).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
@@ -99,6 +106,7 @@ class Connection:
         self.idle_since = now
         self.received = 0  # bytes read from the client
         self.sent = 0  # bytes the socket accepted from us
+        self._unsent_checked = 0  # ``sent`` when the kernel's unsent bytes were last looked at
         self.reading = MinDataRate(limits.min_data_rate, limits.data_rate_grace, lambda: self.received)
         self.writing = MinDataRate(limits.min_data_rate, limits.data_rate_grace, self.delivered)
         self._head = bytearray()  # the raw bytes of the head being read
@@ -212,12 +220,25 @@ class Connection:
                 sent = 0
 
     def _send(self, buffers: list[Any]) -> int:
+        """Send what the socket takes now. Every ``UNSENT_LIMIT`` bytes, more wait while the
+        kernel already queues that many the client has not made room for: it would take MBs for
+        a client that reads nothing, and a slow reader is found out only once it stops."""
+        if self._tcp and self.sent - self._unsent_checked >= UNSENT_LIMIT:
+            if self._unsent() >= UNSENT_LIMIT:
+                return 0
+            self._unsent_checked = self.sent
         try:
             sent = self.sock.sendmsg(buffers)
         except (BlockingIOError, InterruptedError):
             return 0
         self.sent += sent
         return sent
+
+    def _unsent(self) -> int:
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, SIOCOUTQNSD, b"\0" * 4))[0]
+        except OSError:
+            return 0
 
     def delivered(self) -> int:
         """Bytes the client has acknowledged: what the socket accepted minus what its send
