@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -235,3 +237,15 @@ def test_unix_socket_bind(tmp_path):
         assert reply.startswith(b"HTTP/1.1 200 ") and b"\r\nhello from wasm\n\r\n" in reply
     finally:
         server.stop()
+
+
+def test_a_broken_component_leaves_nothing_in_the_cache(tmp_path):
+    # Compiled, it fails the check (another world): no .cwasm may stay behind for a later run
+    # to take from the cache.
+    cache = tmp_path / "cache"
+    other_world = build_guest(ROOT / "bench" / "hostcall")
+    result = subprocess.run([sys.executable, "-m", "wasisup", str(other_world), "-b",
+                             f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "WASISUP_CACHE": str(cache)})
+    assert result.returncode == 2 and "incoming-handler" in result.stderr
+    assert not list(cache.rglob("*.cwasm*"))

@@ -16,6 +16,7 @@ import os
 import runpy
 import shlex
 import socket
+import sys
 import stat
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -215,6 +216,7 @@ class WasiApplication(BaseApplication):
         cfg.set("worker_class", "wasisup.worker.WasmWorker")
         cfg.set("default_proc_name", Path(cfg.component).name)
         cfg.set("child_exit", _child_exit)
+        cfg.set("worker_exit", _worker_exit)
         cfg.set("when_ready", _when_ready)
         self.prepared = prepare(Path(cfg.component))
 
@@ -290,6 +292,18 @@ def _when_ready(arbiter: Arbiter) -> None:
         arbiter.log.warning("Outbound requests are unrestricted: guests may reach any host, "
                             "loopback services included; --allow-outbound names the ones they "
                             "may reach")
+
+
+def _worker_exit(arbiter: Arbiter, worker: Any) -> None:
+    """A worker is done (gunicorn calls this last, as the worker's SystemExit unwinds): leave
+    now, with its exit status. Tearing the interpreter down (every module, wasmtime's tables)
+    took longer than booting a worker, and --max-requests churn paid it every time."""
+    exiting = sys.exc_info()[1]
+    code = exiting.code if isinstance(exiting, SystemExit) and isinstance(exiting.code, int) else 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _child_exit(arbiter: Arbiter, worker: Any) -> None:

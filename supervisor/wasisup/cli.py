@@ -50,15 +50,10 @@ def compile_main(argv: Sequence[str]) -> int:
                          f"e.g. {args.output / args.input.with_suffix('.cwasm').name}")
     started = time.monotonic()
     try:
-        compile_component(args.input, args.output)
+        found = compile_component(args.input, args.output, lambda cwasm: check(cwasm, args.input))
     except OSError as exc:
         raise CompileError(f"cannot write {args.output}: {exc.strerror}") from None
     seconds = time.monotonic() - started
-    try:
-        found = check(args.output, args.input)
-    except CompileError:
-        args.output.unlink()
-        raise
     size = args.output.stat().st_size / 1e6
     print(f"wrote {args.output} ({size:.1f} MB) in {seconds:.1f} s: {found}")
     return 0

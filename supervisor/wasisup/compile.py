@@ -17,9 +17,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from wasmtime import Config, Engine, WasmtimeError
 from wasmtime.component import Component
+
+from . import __version__
 
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 CWASM_MAGIC = b"\x7fELF"
@@ -29,6 +32,9 @@ CORE_MODULE_VERSION = b"\x01\0\0\0"
 
 class CompileError(Exception):
     """A component that cannot be compiled or loaded; the message says why and what to do."""
+
+
+T = TypeVar("T")
 
 
 def engine_config() -> Config:
@@ -78,8 +84,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "cwasm"
 
 
-def compile_component(wasm: Path, out: Path) -> None:
-    """Compile in this process (the ``wasisup compile`` command); written atomically."""
+def compile_component(wasm: Path, out: Path, verify: Callable[[Path], T]) -> T:
+    """Compile in this process (the ``wasisup compile`` command). The file appears at ``out``
+    only once ``verify`` accepted it, written atomically: no half-written or broken .cwasm is
+    ever left behind, in the cache or anywhere else."""
     if component_kind(wasm) == "cwasm":
         raise CompileError(f"{wasm} is precompiled already: serve it as it is")
     try:
@@ -89,10 +97,16 @@ def compile_component(wasm: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.name, delete=False) as tmp:
         tmp.write(component.serialize())
+    try:
+        verified = verify(Path(tmp.name))
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp.name, 0o644 & ~umask)  # readable like any file we write, not 0600
     os.replace(tmp.name, out)
+    return verified
 
 
 @dataclass(frozen=True)
@@ -114,10 +128,11 @@ def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     if kind == "cwasm":
         _child("check", str(path))
         return Prepared(path, digest, 0.0)
-    key = hashlib.sha256(f"{digest}|wasmtime-py {WASMTIME_VERSION}|{ENGINE_SETTINGS}".encode())
+    # Only checked files enter the cache, and this host's version is in the key: a hit links.
+    key = hashlib.sha256(f"{digest}|wasisup {__version__}|wasmtime-py {WASMTIME_VERSION}|"
+                         f"{ENGINE_SETTINGS}".encode())
     out = (cache_dir or default_cache_dir()) / f"{path.stem}-{key.hexdigest()[:32]}.cwasm"
     if out.exists():
-        _child("check", str(out))  # links against this host, whichever wrote the cache
         return Prepared(out, digest, 0.0)
     started = time.monotonic()
     _child("compile", str(path), "-o", str(out))

@@ -1,0 +1,121 @@
+"""What one request costs inside a worker, part by part, in microseconds.
+
+    python bench/request_cost.py [--requests 3000] [--guest hello]
+
+One request thread's work, in this process: a real socket pair stands for the client, the
+request goes through the same code a worker runs (head read and checked, guest run, response
+framed and sent, the connection readied for the next request), with the guest instance reused.
+The guest's time is split into the host functions' Python and the rest (wasm, wasmtime's C API,
+ctypes); the client's own work is left out. The server loop's part (epoll, hand-off between threads) is not in here: it is the
+difference to the CPU per request `bench/proxy.py` and `bench/run.py` see under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import socket
+import tempfile
+import time
+from collections import defaultdict
+from typing import Callable
+
+from harness import ROOT, build, print_table, run_cleanly
+
+PARTS = ("read and check the head", "guest: host functions",
+         "guest: arguments and results (lifting, lowering)", "guest: wasm, C API, ctypes",
+         "response out, next request readied", "metrics, access log, bookkeeping")
+
+
+class Clock:
+    """Accumulates the time spent in wrapped functions, by part."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, int] = defaultdict(int)
+
+    def wrap(self, part: str, func: Callable) -> Callable:
+        spent = self.spent
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter_ns()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter_ns() - started
+        return timed
+
+
+def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="wasisup-bench-"))
+    from wasisup import metrics
+    from wasisup.compile import prepare
+    from wasisup.http.client import OutboundClient
+    from wasisup.http.connection import Connection
+    from wasisup.http.handler import GuestHandler
+    from wasisup.http.request_head import Limits
+    from wasisup.runtime import Guest, Runtime
+    from wasisup.wasi import abi
+
+    clock = Clock()
+    stats = metrics.get()
+    runtime = Runtime(prepare(wasm).cwasm, [], OutboundClient(), max_instance_reuse=10**9,
+                      metrics=stats)
+    converting = "guest: arguments and results (lifting, lowering)"
+    for function in abi._FUNCTIONS:
+        function.func = clock.wrap("guest: host functions", function.func)
+        function.arguments = clock.wrap(converting, function.arguments)
+        if function.lower is not None:
+            function.lower = clock.wrap(converting, function.lower)
+    Guest.handle = clock.wrap("guest", Guest.handle)
+    handler = clock.wrap("handler", GuestHandler(runtime, metrics=stats))
+    server_end, client = socket.socketpair()
+    conn = Connection(server_end, None, Limits())
+    read_head = clock.wrap("read and check the head", conn.read_head)
+    finish = clock.wrap("response out, next request readied",
+                        lambda: conn.flush() and conn.finish_cycle())
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\n\r\n"
+
+    def one() -> None:
+        client.sendall(request)
+        head = None
+        while head is None:
+            head = read_head()
+        handler(conn, head)
+        assert finish()
+        client.recv(1 << 16)
+
+    for _ in range(300):
+        one()
+    gc.freeze()
+    clock.spent.clear()
+    cpu = time.process_time_ns()
+    for _ in range(requests):
+        one()
+    cpu = time.process_time_ns() - cpu
+    spent = clock.spent
+    guest, handled = spent.pop("guest"), spent.pop("handler")
+    spent["guest: wasm, C API, ctypes"] = guest - spent["guest: host functions"] - spent[converting]
+    spent["metrics, access log, bookkeeping"] = handled - guest
+    total = sum(spent.values())
+    rows = [(part, f"{spent[part] / requests / 1000:.1f}", f"{100 * spent[part] / total:.0f}%")
+            for part in PARTS]
+    rows.append(("total", f"{total / requests / 1000:.1f}", "100%"))
+    rows.append(("CPU of this process per request (client included)",
+                 f"{cpu / requests / 1000:.1f}", ""))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--guest", default="hello", help="a guest in tests/guests")
+    args = parser.parse_args()
+    wasm = build(ROOT / "tests" / "guests" / args.guest)
+    print_table(f"One request to the {args.guest} guest, instance reused "
+                f"({args.requests} requests, one thread)",
+                ("part", "µs per request", "share"), measure(wasm, args.requests))
+
+
+if __name__ == "__main__":
+    run_cleanly(main)
