@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -40,6 +41,17 @@ def guest(name: str) -> Path:
     if name not in _built:
         _built[name] = build_guest(ROOT / "guest" / "proxy" if name == "proxy" else GUESTS / name)
     return _built[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _guests_built_and_compiled() -> None:
+    """Build and compile every guest up front, as many at once as there are cores: on a cold
+    cache, one at a time as tests first ask for them, that took minutes."""
+    from wasisup.compile import prepare
+
+    names = ["proxy", *sorted(p.name for p in GUESTS.iterdir() if p.is_dir())]
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        list(pool.map(prepare, pool.map(guest, names)))
 
 
 def free_port() -> int:
