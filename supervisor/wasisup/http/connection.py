@@ -140,6 +140,8 @@ class Connection:
     def read_head(self, receive: bool = True) -> Optional[h11.Request]:
         """The next request head if it is complete (reading what the socket has, unless
         ``receive`` is false), else None. Raises BadRequest, or ClientGone."""
+        if receive and not self._head and self.receive() is None:
+            return None  # (nothing buffered, nothing came: no use asking h11)
         while True:
             try:
                 event = self.h11.next_event()
