@@ -135,6 +135,38 @@ def test_int_stops_fast(serve, upstream):
     thread.join(30)
 
 
+def test_a_stop_sent_to_a_booting_worker_is_not_lost(serve):
+    # A TERM that reached a worker between its fork and its own signal handlers was swallowed
+    # by the master's handlers it inherited: a stop sent as workers boot (TERM, HUP, TTOU)
+    # then waited out the whole graceful timeout. Each new worker gets a TERM the moment it
+    # exists, and must leave (the master replaces it).
+    server = serve("hello", "-w", "1", "--graceful-timeout", "60", ready=False)
+    master, seen = server.proc.pid, set()
+    for _ in range(10):
+        worker = _next_child(master, seen)
+        os.kill(worker, signal.SIGTERM)
+        wait_until(lambda: not _alive(worker), timeout=15, what=f"worker {worker} to obey TERM")
+
+
+def _next_child(pid: int, seen: set) -> int:
+    """The first child of ``pid`` not in ``seen``, found within a fraction of a millisecond."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = set(map(int, children.read_text().split())) - seen
+        if new:
+            seen.update(new)
+            return min(new)
+    raise AssertionError("no new worker within 60 s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _quietly(func, *args):
     try:
         return func(*args)

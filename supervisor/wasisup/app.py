@@ -15,6 +15,7 @@ import logging
 import os
 import runpy
 import shlex
+import signal
 import socket
 import sys
 import stat
@@ -278,6 +279,16 @@ class WasiArbiter(Arbiter):
 
     def handle_quit(self) -> None:
         raise StopIteration
+
+    def spawn_worker(self) -> int:
+        """Fork a worker with its signals held pending until it has its own handlers: in
+        between, the master's handlers it inherited would swallow a TERM (a stop sent as
+        workers boot then waited out the whole --graceful-timeout)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.worker_class.SIGNALS)
+        try:
+            return super().spawn_worker()
+        finally:  # (in the parent; the worker unblocks them in WasmWorker.init_signals)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.worker_class.SIGNALS)
 
 
 def _when_ready(arbiter: Arbiter) -> None:

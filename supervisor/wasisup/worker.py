@@ -47,6 +47,11 @@ class WasmWorker(Worker):
         die_with_parent()
         super().init_process()
 
+    def init_signals(self) -> None:
+        """gunicorn's handlers, then the signals the master held pending across the fork."""
+        super().init_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+
     def load_wsgi(self) -> None:
         """There is no WSGI app: the worker's application is the compiled component."""
 
