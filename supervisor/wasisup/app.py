@@ -17,8 +17,8 @@ import runpy
 import shlex
 import signal
 import socket
-import sys
 import stat
+import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 

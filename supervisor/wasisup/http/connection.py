@@ -226,7 +226,7 @@ class Connection:
         kernel already queues that many the client has not made room for: it would take MBs for
         a client that reads nothing, and a slow reader is found out only once it stops."""
         if self._tcp and self.sent - self._unsent_checked >= UNSENT_LIMIT:
-            if self._unsent() >= UNSENT_LIMIT:
+            if _send_queue(self.fd, SIOCOUTQNSD) >= UNSENT_LIMIT:
                 return 0
             self._unsent_checked = self.sent
         try:
@@ -236,20 +236,10 @@ class Connection:
         self.sent += sent
         return sent
 
-    def _unsent(self) -> int:
-        try:
-            return struct.unpack("i", fcntl.ioctl(self.fd, SIOCOUTQNSD, b"\0" * 4))[0]
-        except OSError:
-            return 0
-
     def delivered(self) -> int:
         """Bytes the client has acknowledged: what the socket accepted minus what its send
         queue still holds (bytes merely queued in our kernel are no sign of a reader)."""
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0" * 4))[0]
-        except OSError:
-            queued = 0
-        return self.sent - queued
+        return self.sent - _send_queue(self.fd, termios.TIOCOUTQ)
 
     def flush(self) -> bool:
         """Send what the socket takes now; True once nothing is left. OSError if it broke."""
@@ -315,6 +305,15 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _send_queue(fd: int, request: int) -> int:
+    """A count of the socket's send queue (TIOCOUTQ: not yet acknowledged; SIOCOUTQNSD: not
+    yet sent); 0 if the socket cannot tell."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _keeps_alive(request: h11.Request) -> bool:

@@ -314,7 +314,8 @@ class GuestHandler:
 
     def _run_guest(self, conn: Connection, request: h11.Request, writer: "ResponseWriter",
                    request_id: str) -> None:
-        path_with_query, authority = request_target(request)  # (checked by the server)
+        fields = header_fields(request)
+        path_with_query, authority = request_target(request, fields)  # (checked by the server)
         body = ClientBody(conn, self.body_limit)
         try:
             with self.runtime.guest() as guest:
@@ -323,7 +324,7 @@ class GuestHandler:
                     path_with_query=path_with_query,
                     scheme="http",
                     authority=authority,
-                    headers=Fields.from_pairs(header_fields(request)),
+                    headers=Fields.from_pairs(fields),
                     body=body,
                     waiter=guest.context.waiter)
                 hooks = guest.context.waiter.before_sleep

@@ -54,6 +54,11 @@ class Target:
     def tls(self) -> bool:
         return self.scheme == "https"
 
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """Where the connection goes, however the guest spelled the authority (pools' key)."""
+        return self.scheme, self.host, self.port
+
 
 def parse_authority(authority: str) -> tuple[str, Optional[int]]:
     """``host[:port]`` -> (canonical host, port or None); raises Refused if malformed."""

@@ -41,7 +41,6 @@ class UpstreamConnection:
 
     def __init__(self, target: Target, addresses: list[tuple], tls: Optional[ssl.SSLContext]) -> None:
         self.target = target
-        self.origin = (target.scheme, target.host, target.port)  # the pool's key
         self.reused = False
         self._addresses = addresses
         self._tls = tls
@@ -180,7 +179,7 @@ class Pool:
         cutoff = time.monotonic() - self.idle_timeout
         while True:
             with self._lock:
-                idle = self._idle.get((target.scheme, target.host, target.port))
+                idle = self._idle.get(target.origin)
                 if not idle:
                     return None
                 conn, since = idle.pop()
@@ -194,7 +193,7 @@ class Pool:
     def release(self, conn: UpstreamConnection) -> None:
         """Keep a connection whose exchange ended cleanly, for the next request to its origin."""
         with self._lock:
-            idle = self._idle.setdefault(conn.origin, [])
+            idle = self._idle.setdefault(conn.target.origin, [])
             if len(idle) < self.idle_per_origin:
                 idle.append((conn, time.monotonic()))
                 return

@@ -107,7 +107,7 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> None:
     host = _host(fields)
     if host is not None and not _HOST.match(host):
         raise BadRequest(400, "Host is not a valid host[:port]")
-    request_target(request, host)
+    request_target(request, fields)
 
 
 def _check_content_length(values: list[bytes], limits: Limits) -> None:
@@ -141,13 +141,12 @@ def protocol_error(exc: h11.RemoteProtocolError, received: bytes) -> BadRequest:
 
 
 def request_target(request: h11.Request,
-                   host: Optional[bytes] = None) -> tuple[Optional[str], Optional[str]]:
+                   fields: list[tuple[bytes, bytes]]) -> tuple[Optional[str], Optional[str]]:
     """(path-with-query, authority) the guest sees, from the request-target's form (RFC 9112
     3.2): origin-form with Host; absolute-form, whose authority wins over Host; ``*`` only for
-    OPTIONS; authority-form only for CONNECT. ``host``: the Host field, if known."""
+    OPTIONS; authority-form only for CONNECT. ``fields``: the request's ``header_fields``."""
     target = request.target
-    if host is None:
-        host = _host(header_fields(request))
+    host = _host(fields)
     authority = host.decode("latin-1") if host is not None else None
     if request.method == b"CONNECT":
         if not _AUTHORITY_FORM.match(target):
