@@ -45,7 +45,7 @@ def _instance(component: Component, engine: Engine, fast: bool):
         for name, func in funcs.items():
             if fast:
                 fty = types[name].ty
-                abi.add_function(instance.ptr(), name, abi.HostFunction(
+                abi.add_function(instance.ptr(), name, abi.host_function(
                     f"{BENCH_INTERFACE}#{name}", lambda store, *a, f=func: f(*a),
                     [t for _, t in fty.params], fty.result))
             else:

@@ -6,7 +6,7 @@ One request thread's work, in this process: a real socket pair stands for the cl
 request goes through the same code a worker runs (head read and checked, guest run, response
 framed and sent, the connection readied for the next request), with the guest instance reused.
 The guest's time is split into the host functions' Python and the rest (wasm, wasmtime's C API,
-ctypes); the client's own work is left out. The server loop's part (epoll, hand-off between threads) is not in here: it is the
+the C trampoline converting arguments and results); the client's own work is left out. The server loop's part (epoll, hand-off between threads) is not in here: it is the
 difference to the CPU per request `bench/proxy.py` and `bench/run.py` see under load.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable
 from harness import ROOT, build, print_table, run_cleanly
 
 PARTS = ("read and check the head", "guest: host functions",
-         "guest: arguments and results (lifting, lowering)", "guest: wasm, C API, ctypes",
+         "guest: wasm, C API, trampoline",
          "response out, next request readied", "metrics, access log, bookkeeping")
 
 
@@ -61,12 +61,8 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
     stats = metrics.get()
     runtime = Runtime(prepare(wasm).cwasm, [], OutboundClient(), max_instance_reuse=10**9,
                       metrics=stats)
-    converting = "guest: arguments and results (lifting, lowering)"
-    for function in abi._FUNCTIONS:
+    for function in abi.FUNCTIONS:
         function.func = clock.wrap("guest: host functions", function.func)
-        function.arguments = clock.wrap(converting, function.arguments)
-        if function.lower is not None:
-            function.lower = clock.wrap(converting, function.lower)
     Guest.handle = clock.wrap("guest", Guest.handle)
     handler = clock.wrap("handler", GuestHandler(runtime, metrics=stats))
     server_end, client = socket.socketpair()
@@ -95,7 +91,7 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
     cpu = time.process_time_ns() - cpu
     spent = clock.spent
     guest, handled = spent.pop("guest"), spent.pop("handler")
-    spent["guest: wasm, C API, ctypes"] = guest - spent["guest: host functions"] - spent[converting]
+    spent["guest: wasm, C API, trampoline"] = guest - spent["guest: host functions"]
     spent["metrics, access log, bookkeeping"] = handled - guest
     total = sum(spent.values())
     rows = [(part, f"{spent[part] / requests / 1000:.1f}", f"{100 * spent[part] / total:.0f}%")

@@ -8,7 +8,7 @@ from wasmtime import Engine
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker, ResourceType
 
 from . import abi, cli, clocks, filesystem, http, io, random, sockets
-from .abi import HostFunction, Interface
+from .abi import Interface, host_function
 
 INTERFACES: dict[str, Interface] = {
     iface.name: iface
@@ -76,6 +76,6 @@ def link(linker: Linker, component: Component, engine: Engine,
                         func = iface.functions.get(name, iface.default)
                         if func is None:
                             raise LinkError(f"{import_name} function {name} is not provided by wasisup")
-                        fn = HostFunction(f"{import_name}#{name}", func,
-                                          [t for _, t in ety.params], ety.result)
+                        fn = host_function(f"{import_name}#{name}", func,
+                                           [t for _, t in ety.params], ety.result)
                         abi.add_function(ptr, name, fn)
