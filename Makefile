@@ -9,7 +9,7 @@ WORKERS ?= 2
 
 .PHONY: setup guest serve test test-deploy bench
 
-$(BIN)/wasisup: pyproject.toml
+$(BIN)/wasisup: pyproject.toml setup.py supervisor/wasisup/wasi/_hostcall.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
+from typing import Callable
+
 import pytest
-from wasmtime import Engine
-from wasmtime.component import Component, ComponentInstanceType, FuncType
+from wasmtime import Engine, Store, WasmtimeError
+from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
 from conftest import guest
-from wasisup.compile import prepare
+from wasisup.compile import engine_config, prepare
 from wasisup.runtime import Runtime
-from wasisup.wasi.linker import INTERFACES, split_version
+from wasisup.wasi import abi
+from wasisup.wasi.abi import Err
+from wasisup.wasi.context import WasiContext
+from wasisup.wasi.linker import INTERFACES, link, split_version
 
 
 def imported_functions(component: Component, engine: Engine) -> dict[str, list[str]]:
@@ -43,3 +49,66 @@ def test_guest_instances_are_reused_only_up_to_the_limit():
             seen.append(instance)
     assert len({id(instance) for instance in seen}) == 3  # 3 + 3 + 1
     runtime.close()
+
+
+def _values_guest(received: dict) -> Callable[[str], str]:
+    """The values guest with its host interface bound to functions that record what they get."""
+    engine = Engine(engine_config())
+    component = Component(engine, guest("values").read_bytes())
+    interface = "wasisup:test/host"
+
+    def record(name: str, answer: Callable = lambda value: value) -> Callable:
+        def host_function(store, *args):
+            received[name] = args[0] if len(args) == 1 else args
+            return answer(*args)
+        return host_function
+
+    def checked(x: int) -> int:
+        if x % 2:
+            raise Err("odd")
+        return x
+
+    functions = {name: record(name) for name in (
+        "text", "blob", "points", "maybe", "shapes", "colors", "perms", "nested")}
+    functions["scalars"] = record("scalars", lambda *scalars: scalars)
+    functions["checked"] = record("checked", checked)
+    functions["broken"] = record("broken", lambda: 256)  # does not fit its u8
+    linker = Linker(engine)
+    types = component.type.imports(engine)[interface].ty.exports(engine)
+    with linker.root() as root, root.add_instance(interface) as instance:
+        for name, func in functions.items():
+            params = [t for _, t in types[name].ty.params]
+            abi.add_function(instance.ptr(), name,
+                             abi.host_function(f"{interface}#{name}", func, params,
+                                               types[name].ty.result))
+    link(linker, component, engine, provided={interface})
+    store = Store(engine)
+    store.set_epoch_deadline(1 << 62)
+    context = WasiContext([], None)
+    abi.STORES[ctypes.cast(store._context(), ctypes.c_void_p).value] = context
+    run = linker.instantiate(store, component).get_func(store, "run")
+    return lambda case: run(store, case)
+
+
+def test_every_kind_of_value_crosses_the_trampoline_both_ways(caplog):
+    received: dict = {}
+    run = _values_guest(received)
+    assert run("round-trip") == "ok"  # the guest got back what it sent
+    point = {"x": 3, "y": 4, "label": "sq"}
+    assert received["scalars"] == (True, -128, 255, -32768, 65535, -2**31, 2**32 - 1, -2**63,
+                                   2**64 - 1, 1.5, -0.25, "🦀")
+    assert received["text"] == "" and received["blob"] == b""  # the last calls of each
+    assert received["points"] == [{"x": 1, "y": -2, "label": "a"},
+                                  {"x": 2**31 - 1, "y": -2**31, "label": "é"}]
+    assert received["maybe"] is None
+    assert received["shapes"] == [("circle", 2.5), ("square", point), "empty"]
+    assert received["colors"] == ["blue", "red"]
+    assert received["perms"] == set()
+    assert received["checked"] == 4
+    assert [(type(r).__name__, r.value) for r in received["nested"]] == [
+        ("Ok", 7), ("Ok", None), ("Err", "green")]
+
+    assert run("checked-err") == "err odd"  # Err raised by the host is the result's error case
+    with pytest.raises(WasmtimeError, match="host function wasisup:test/host#broken failed"):
+        run("broken")
+    assert "OverflowError" in caplog.text  # the cause is logged, the guest sees a trap
