@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import socket
+import time
 
 import pytest
 
@@ -73,6 +75,37 @@ def test_large_bodies_stream_through(proxy):
     payload = bytes(range(256)) * 8192  # 2 MiB up
     status, _, body = proxy.request("POST", "/up", body=payload)
     assert status == 200 and len(json.loads(body)["body"]) == len(payload)
+
+
+def _bytes(size: int) -> bytes:
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+def test_spliced_bodies_reach_slow_and_vanishing_clients_intact(serve, upstream):
+    """A body the upstream sends with a content-length moves socket -> pipe -> socket in the
+    kernel: a slow reader still gets every byte in order, and a client that leaves mid-body
+    leaves nothing behind for the next response on the same thread."""
+    server = serve("proxy", "-w", "1", "--threads", "1", "--env", f"UPSTREAM={upstream}")
+    size = 8 * 1024 * 1024 + 3
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET /bytes?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = bytearray()
+        while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < size:
+            time.sleep(0.002)  # ~8 MiB in a few seconds: the server waits on us, often
+            chunk = sock.recv(64 * 1024)
+            assert chunk, "the connection closed early"
+            received += chunk
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == _bytes(size)
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /bytes?size=67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(100_000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        status, _, body = server.request("GET", "/bytes?size=70000")
+        assert status == 200 and body == _bytes(70000)
 
 
 def test_unreachable_upstream_gives_502_naming_the_failure(serve):

@@ -279,21 +279,29 @@ class Exchange:
             self.release_if_done()
         return chunk
 
+    def _raw(self) -> bool:
+        """Do the next body bytes come straight from the socket (known length, none buffered)?"""
+        return not self.buffer and bool(self._raw_left) and self.conn is not None
+
     def take_into(self, view: memoryview) -> int:
         """Like ``take``, straight into ``view`` when the body comes raw from the socket."""
-        if self.buffer or not self._raw_left or self.conn is None:
+        if not self._raw():
             chunk = self.take(len(view))
             view[:len(chunk)] = chunk
             return len(chunk)
-        count = self._recv_raw(view[:self._raw_left])
-        if count:
-            self._last_progress = time.monotonic_ns()
-            self.release_if_done()
-        return count
+        return self._read_raw(self.conn.recv_into, view[:self._raw_left])
 
-    def _recv_raw(self, view: memoryview) -> int:
+    def can_splice(self) -> bool:
+        """Can the next body bytes go socket -> pipe in the kernel (raw, and no TLS)?"""
+        return self._raw() and self.conn.plain
+
+    def splice_into(self, pipe: int, size: int) -> int:
+        """Like ``take_into``, into ``pipe`` without passing through Python (see can_splice)."""
+        return self._read_raw(self.conn.splice_into, pipe, min(size, self._raw_left))
+
+    def _read_raw(self, read: Any, *args: Any) -> int:
         try:
-            count = self.conn.recv_into(view)
+            count = read(*args)
         except OSError as exc:
             self._body_failed(f"reading the upstream response failed: {exc}")
             return 0
@@ -305,6 +313,8 @@ class Exchange:
             return 0
         self._raw_left -= count
         self.eof = self._raw_left == 0
+        self._last_progress = time.monotonic_ns()
+        self.release_if_done()
         return count
 
     def _fill(self) -> None:
@@ -510,6 +520,12 @@ class ResponseBody:
 
     def read_into(self, view: memoryview) -> int:
         count = self.exchange.take_into(view)
+        return count or len(self._end_or_nothing())
+
+    def splice_into(self, pipe: int, size: int) -> Optional[int]:
+        if not self.exchange.can_splice():
+            return None
+        count = self.exchange.splice_into(pipe, size)
         return count or len(self._end_or_nothing())
 
     def _end_or_nothing(self) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.utils
 import fcntl
+import os
 import select
 import socket
 import struct
@@ -197,6 +198,27 @@ class Connection:
         once, and only what it does not take is kept."""
         self._write(self._response.frame(data))
 
+    def takes_pipe(self) -> bool:
+        """Can body bytes come from a pipe (``send_body_from_pipe``)? Not when chunked."""
+        return self._response.raw
+
+    def send_body_from_pipe(self, pipe: int, count: int) -> None:
+        """Like ``send_body`` for ``count`` bytes waiting in ``pipe``: they go to the socket
+        inside the kernel. What it does not take now is read into the output, so the pipe is
+        left empty."""
+        self._response.account(count)
+        moved = 0
+        if not self.out and self._may_send():
+            try:
+                moved = os.splice(pipe, self.fd, count, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                moved = 0
+            self.sent += moved
+        while moved < count:
+            chunk = os.read(pipe, count - moved)
+            self.out += chunk
+            moved += len(chunk)
+
     def end_response(self, trailers: list[tuple[str, bytes]] = ()) -> bool:
         """End the body (with trailers, if chunked); False if it was shorter than declared."""
         tail, complete = self._response.end(trailers)
@@ -221,14 +243,20 @@ class Connection:
                 self.out += memoryview(part)[sent:]
                 sent = 0
 
-    def _send(self, buffers: list[Any]) -> int:
-        """Send what the socket takes now. Every ``UNSENT_LIMIT`` bytes, more wait while the
-        kernel already queues that many the client has not made room for: it would take MBs for
-        a client that reads nothing, and a slow reader is found out only once it stops."""
+    def _may_send(self) -> bool:
+        """Every ``UNSENT_LIMIT`` bytes, more wait while the kernel already queues that many
+        the client has not made room for: it would take MBs for a client that reads nothing,
+        and a slow reader is found out only once it stops."""
         if self._tcp and self.sent - self._unsent_checked >= UNSENT_LIMIT:
             if _send_queue(self.fd, SIOCOUTQNSD) >= UNSENT_LIMIT:
-                return 0
+                return False
             self._unsent_checked = self.sent
+        return True
+
+    def _send(self, buffers: list[Any]) -> int:
+        """Send what the socket takes now (see ``_may_send``)."""
+        if not self._may_send():
+            return 0
         try:
             sent = self.sock.sendmsg(buffers)
         except (BlockingIOError, InterruptedError):
@@ -362,16 +390,25 @@ class ResponseFraming:
         lines.append(b"\r\n")
         return b"".join(lines)
 
+    @property
+    def raw(self) -> bool:
+        """Do body bytes go on the wire as they are (content-length or close-delimited)?"""
+        return not (self._chunked or self._no_body)
+
     def frame(self, data: bytes | memoryview) -> list[Any]:
         if self._no_body or not data:
             return []
         if self._chunked:
             return [b"%x\r\n" % len(data), data, b"\r\n"]
-        if self._left is not None:
-            if len(data) > self._left:
-                raise ValueError("more body than the response's content-length")
-            self._left -= len(data)
+        self.account(len(data))
         return [data]
+
+    def account(self, count: int) -> None:
+        """Count ``count`` raw body bytes against the content-length."""
+        if self._left is not None:
+            if count > self._left:
+                raise ValueError("more body than the response's content-length")
+            self._left -= count
 
     def end(self, trailers: list[tuple[str, bytes]]) -> tuple[bytes, bool]:
         self.done = True

@@ -212,12 +212,21 @@ class ResponseWriter:
         return min(limit, room)
 
     def write(self, data: bytes | memoryview) -> None:
+        self._send(self.conn.send_body, data)
+
+    def _send(self, send: Callable[..., None], *args: Any) -> None:
         try:
-            self.conn.send_body(data)
+            send(*args)
         except OSError as exc:
             self._client_gone()
             raise StreamFailed(IoError(f"sending the response failed: {exc}",
                                        "connection-terminated")) from None
+
+    def takes_pipe(self) -> bool:
+        return self.state == "streaming" and self.conn.takes_pipe()
+
+    def write_from_pipe(self, pipe: int, count: int) -> None:
+        self._send(self.conn.send_body_from_pipe, pipe, count)
 
     def finish(self, trailers: Optional[Fields]) -> None:
         if self.state != "streaming":

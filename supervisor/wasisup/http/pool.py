@@ -8,6 +8,7 @@ time the guest's thread looks at them, and report what they wait for (``wants``)
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import ssl
@@ -125,6 +126,19 @@ class UpstreamConnection:
             return None
         except ssl.SSLZeroReturnError:
             return 0
+
+    @property
+    def plain(self) -> bool:
+        """Bytes arrive as sent (no TLS): the kernel can move them on without us reading them."""
+        return not isinstance(self.sock, ssl.SSLSocket)
+
+    def splice_into(self, pipe: int, size: int) -> Optional[int]:
+        """Move up to ``size`` bytes from the (plain) socket into ``pipe`` inside the kernel:
+        the count (0: the peer closed), or None if none are available."""
+        try:
+            return os.splice(self.sock.fileno(), pipe, size, flags=os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            return None
 
     def buffered(self) -> bool:
         """TLS may hold decrypted bytes the socket no longer signals as readable."""

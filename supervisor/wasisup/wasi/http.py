@@ -171,7 +171,8 @@ class BodySource(ByteSource, Protocol):
 
 class Transport(Protocol):
     """Where an outgoing body goes once its message has been sent (the client connection, or
-    an upstream exchange). Like a ``ByteSink``, it may offer ``interest()`` and ``deadline``."""
+    an upstream exchange). Like a ``ByteSink``, it may offer ``interest()`` and ``deadline``,
+    and ``takes_pipe()`` with ``write_from_pipe(pipe, count)``."""
 
     def ready(self) -> bool: ...
 
@@ -224,16 +225,27 @@ class BodySink:
         return max(0, min(limit, WRITE_BUDGET - self._held_size))
 
     def write(self, data: bytes | memoryview) -> None:
-        self.written += len(data)
-        if self.content_length is not None and self.written > self.content_length:
-            self.error = IoError(f"body exceeds its content-length of {self.content_length}",
-                                 (self.size_error, self.written))
-            raise StreamFailed(self.error)
+        self._count(len(data))
         if self.transport is not None:
             self.transport.write(data)
         else:
             self._held.append(bytes(data))
             self._held_size += len(data)
+
+    def takes_pipe(self) -> bool:
+        takes_pipe = getattr(self.transport, "takes_pipe", None)
+        return takes_pipe is not None and takes_pipe()
+
+    def write_from_pipe(self, pipe: int, count: int) -> None:
+        self._count(count)
+        self.transport.write_from_pipe(pipe, count)  # type: ignore[union-attr]
+
+    def _count(self, size: int) -> None:
+        self.written += size
+        if self.content_length is not None and self.written > self.content_length:
+            self.error = IoError(f"body exceeds its content-length of {self.content_length}",
+                                 (self.size_error, self.written))
+            raise StreamFailed(self.error)
 
     def flush(self) -> None:
         pass

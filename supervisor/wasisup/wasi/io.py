@@ -9,6 +9,8 @@ No other thread ever has to wake a guest.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import select
 import threading
 import time
@@ -147,7 +149,9 @@ def _stream_error(exc: Exception) -> Err:
 class ByteSource(Readiness, Protocol):
     """Where an input stream's bytes come from. A source may also offer
     ``read_into(view) -> int`` (same contract, into a buffer): splice then moves its bytes
-    without an intermediate ``bytes`` object."""
+    without an intermediate ``bytes`` object; and ``splice_into(pipe, size) -> int | None``
+    (same contract, into a pipe inside the kernel; None when its bytes cannot go that way
+    now): splice to a sink with ``write_from_pipe`` then never copies them through Python."""
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes available now (b"" if none yet); StreamClosed at the end."""
@@ -156,7 +160,8 @@ class ByteSource(Readiness, Protocol):
 
 
 class ByteSink(Readiness, Protocol):
-    """Where an output stream's bytes go."""
+    """Where an output stream's bytes go. A sink may also offer ``takes_pipe() -> bool`` and
+    ``write_from_pipe(pipe, count)`` (take exactly ``count`` bytes waiting in the pipe)."""
 
     def capacity(self, limit: int) -> int:
         """How many bytes (at most ``limit``) ``write`` accepts now (0: wait for ready());
@@ -212,6 +217,28 @@ def _splice_buffer() -> memoryview:
     if view is None:
         view = _scratch.view = memoryview(bytearray(SPLICE_BUDGET))
     return view
+
+
+def _splice_pipe() -> tuple[int, int]:
+    """This thread's pipe for splices socket -> socket, as big as a splice's budget if the
+    system allows (else the default 64 KiB: splices then move that much per step)."""
+    pipe = getattr(_scratch, "pipe", None)
+    if pipe is None:
+        pipe = _scratch.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, SPLICE_BUDGET)
+        except OSError:
+            pass
+    return pipe
+
+
+def _drain(pipe: int) -> None:
+    """Empty a splice pipe whose bytes found no taker: the next splice must not send them."""
+    try:
+        while os.read(pipe, SPLICE_BUDGET):
+            pass
+    except BlockingIOError:
+        pass
 
 
 class OutputStream(Resource):
@@ -293,6 +320,15 @@ class OutputStream(Resource):
         return moved
 
     def _move(self, source: ByteSource, budget: int) -> int:
+        takes_pipe = getattr(self.sink, "takes_pipe", None)
+        splice_into = getattr(source, "splice_into", None)
+        if takes_pipe is not None and splice_into is not None and takes_pipe():
+            pipe_out, pipe_in = _splice_pipe()
+            count = splice_into(pipe_in, budget)
+            if count is not None:
+                if count:
+                    self._put_from_pipe(pipe_out, count)
+                return count
         read_into = getattr(source, "read_into", None)
         if read_into is None:
             data: bytes | memoryview = source.read(budget)
@@ -302,6 +338,15 @@ class OutputStream(Resource):
         if data:
             self._put(data)
         return len(data)
+
+    def _put_from_pipe(self, pipe: int, count: int) -> None:
+        try:
+            self.sink.write_from_pipe(pipe, count)  # type: ignore[attr-defined]
+        except BaseException as exc:
+            _drain(pipe)
+            if isinstance(exc, (StreamClosed, StreamFailed)):
+                raise _stream_error(exc) from None
+            raise
 
     def blocking_splice(self, src: InputStream, size: int) -> int:
         while True:
