@@ -249,7 +249,7 @@ class Exchange:
 
     def _start_response(self, head: h11.Response) -> None:
         self._replay = None
-        fields = Fields.from_pairs(list(head.headers))
+        fields = Fields.from_pairs(head.headers.raw_items())
         length = fields.first("content-length")
         if self.method == "HEAD" or head.status_code in (204, 304):
             self.eof = True
@@ -343,7 +343,7 @@ class Exchange:
                     self.buffer += event.data
                 elif isinstance(event, h11.EndOfMessage):
                     self.eof = True
-                    self.response_trailers = list(event.headers) or None
+                    self.response_trailers = event.headers.raw_items() or None
                 else:
                     self._body_failed("the upstream closed the connection before the body ended")
         except h11.RemoteProtocolError as exc:

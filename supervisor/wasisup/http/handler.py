@@ -81,7 +81,7 @@ class ClientBody:
                 self._chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 self._done = True
-                self._trailers = clean_trailers(event.headers) or None
+                self._trailers = clean_trailers(event.headers.raw_items()) or None
             else:  # ConnectionClosed: the client went away mid-body
                 self._fail(0, "", "HTTP-request-body-size",
                            "client closed the connection before the body ended")
