@@ -5,9 +5,12 @@
 One request thread's work, in this process: a real socket pair stands for the client, the
 request goes through the same code a worker runs (head read and checked, guest run, response
 framed and sent, the connection readied for the next request), with the guest instance reused.
-The guest's time is split into the host functions' Python and the rest (wasm, wasmtime's C API,
-the C trampoline converting arguments and results); the client's own work is left out. The server loop's part (epoll, hand-off between threads) is not in here: it is the
-difference to the CPU per request `bench/proxy.py` and `bench/run.py` see under load.
+The guest's time is split into the host functions' Python and the rest (wasm, wasmtime's C
+API, the C trampoline converting arguments and results); the client's own work is left out.
+The server loop's part (epoll, hand-off between threads) is not in here: it is the difference
+to the CPU per request `bench/proxy.py` and `bench/run.py` see under load. The last row is the
+resident memory the process kept per request (a guest's own heap grows a little while one
+instance serves thousands of requests).
 """
 
 from __future__ import annotations
@@ -85,10 +88,10 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
         one()
     gc.freeze()
     clock.spent.clear()
-    cpu = time.process_time_ns()
+    rss, cpu = _rss(), time.process_time_ns()
     for _ in range(requests):
         one()
-    cpu = time.process_time_ns() - cpu
+    cpu, rss = time.process_time_ns() - cpu, _rss() - rss
     spent = clock.spent
     guest, handled = spent.pop("guest"), spent.pop("handler")
     spent["guest: wasm, C API, trampoline"] = guest - spent["guest: host functions"]
@@ -99,7 +102,15 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
     rows.append(("total", f"{total / requests / 1000:.1f}", "100%"))
     rows.append(("CPU of this process per request (client included)",
                  f"{cpu / requests / 1000:.1f}", ""))
+    rows.append(("resident memory grown per request, bytes (0: nothing kept)",
+                 f"{rss / requests:.0f}", ""))
     return rows
+
+
+def _rss() -> int:
+    """This process's resident memory, in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> None:

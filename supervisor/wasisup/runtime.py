@@ -143,6 +143,8 @@ class Guest:
                 self.healthy = False
                 raise self._trap(_trap_message(WasmtimeError._from_ptr(error)))
         finally:
+            for param in params:  # the call copied them: the resource handles are still ours
+                ffi.wasmtime_component_val_delete(ctypes.byref(param))
             self._pause()
             waiter.deadline = None
             self.context.end_request()
