@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import shutil
 from typing import Callable
 
 import pytest
@@ -38,6 +39,14 @@ def test_every_import_is_provided_at_its_version(name, version, at_least):
         for function in functions:
             assert function in interface.functions or interface.default is not None, (name, function)
     runtime.close()
+
+
+def test_the_compile_cache_knows_a_component_by_its_bytes_not_its_name(tmp_path):
+    first = prepare(guest("hello"))
+    renamed = tmp_path / "renamed.wasm"  # e.g. a new release copied over the served path
+    shutil.copyfile(guest("hello"), renamed)
+    again = prepare(renamed)
+    assert (again.cwasm, again.compile_seconds) == (first.cwasm, 0.0)
 
 
 def test_guest_instances_are_reused_only_up_to_the_limit():

@@ -131,9 +131,11 @@ def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     # Only checked files enter the cache, and this host's version is in the key: a hit links.
     key = hashlib.sha256(f"{digest}|wasisup {__version__}|wasmtime-py {WASMTIME_VERSION}|"
                          f"{ENGINE_SETTINGS}".encode())
-    out = (cache_dir or default_cache_dir()) / f"{path.stem}-{key.hexdigest()[:32]}.cwasm"
-    if out.exists():
-        return Prepared(out, digest, 0.0)
+    cache, name = cache_dir or default_cache_dir(), key.hexdigest()[:32]
+    cached = next(cache.glob(f"*-{name}.cwasm"), None)  # the same bytes under any file name
+    if cached is not None:
+        return Prepared(cached, digest, 0.0)
+    out = cache / f"{path.stem}-{name}.cwasm"
     started = time.monotonic()
     _child("compile", str(path), "-o", str(out))
     return Prepared(out, digest, time.monotonic() - started)
