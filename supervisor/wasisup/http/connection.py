@@ -212,7 +212,7 @@ class Connection:
             try:
                 moved = os.splice(pipe, self.fd, count, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                moved = 0
+                pass
             self.sent += moved
         while moved < count:
             chunk = os.read(pipe, count - moved)

@@ -769,23 +769,21 @@ static PyObject *lower_resource(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static int take_symbol(PyObject *symbols, const char *name, void **slot) {
-    PyObject *address = PyDict_GetItemString(symbols, name);
-    if (address == NULL) {
-        PyErr_Format(PyExc_KeyError, "wasmtime symbol %s missing", name);
-        return -1;
-    }
-    *slot = PyLong_AsVoidPtr(address);
+/* Fill `slot` with wasmtime's function `name`, as `address(name)` finds it. */
+static int take_symbol(PyObject *address, const char *name, void **slot) {
+    PyObject *found = PyObject_CallFunction(address, "s", name);
+    if (found == NULL) return -1;
+    *slot = PyLong_AsVoidPtr(found);
+    Py_DECREF(found);
     return PyErr_Occurred() ? -1 : 0;
 }
 
 static PyObject *setup(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"symbols", "ok", "err", "trap", "stores", "on_failure", "on_drop",
+    static char *keywords[] = {"address", "ok", "err", "trap", "stores", "on_failure", "on_drop",
                                NULL};
-    PyObject *symbols, *ok, *err, *trap, *stores_dict, *failed, *dropped;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOO!OO", keywords, &PyDict_Type, &symbols,
-                                     &ok, &err, &trap, &PyDict_Type, &stores_dict, &failed,
-                                     &dropped))
+    PyObject *address, *ok, *err, *trap, *stores_dict, *failed, *dropped;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OO", keywords, &address, &ok, &err,
+                                     &trap, &PyDict_Type, &stores_dict, &failed, &dropped))
         return NULL;
     struct { const char *name; void **slot; } table[] = {
         {"wasm_byte_vec_new", (void **)&byte_vec_new},
@@ -803,7 +801,7 @@ static PyObject *setup(PyObject *module, PyObject *args, PyObject *kwargs) {
         {"wasmtime_error_delete", (void **)&error_delete},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
-        if (take_symbol(symbols, table[i].name, table[i].slot) < 0) return NULL;
+        if (take_symbol(address, table[i].name, table[i].slot) < 0) return NULL;
     }
     Py_XSETREF(Ok, Py_NewRef(ok));
     Py_XSETREF(Err, Py_NewRef(err));
@@ -816,8 +814,9 @@ static PyObject *setup(PyObject *module, PyObject *args, PyObject *kwargs) {
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
-     "setup(symbols, ok, err, trap, stores, on_failure, on_drop): wasmtime's C API by address "
-     "and the Python side's classes and hooks; called once, by abi.py."},
+     "setup(address, ok, err, trap, stores, on_failure, on_drop): address(name) finds each "
+     "wasmtime C API function this module calls; then the Python side's classes and hooks. "
+     "Called once, by abi.py."},
     {"lower_resource", lower_resource, METH_VARARGS,
      "lower_resource(value, addr, resources, ctx): write own<value> at addr (a call's argument)."},
     {NULL},
@@ -827,10 +826,26 @@ static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_hostcall", "The host-call trampoline (see _hostcall.c).", -1, methods,
 };
 
+/* The kinds a type spec starts with, as module constants: abi.py builds specs with them. */
+static const struct { const char *name; int kind; } SPEC_KINDS[] = {
+    {"K_BOOL", K_BOOL}, {"K_S8", K_S8}, {"K_U8", K_U8}, {"K_S16", K_S16}, {"K_U16", K_U16},
+    {"K_S32", K_S32}, {"K_U32", K_U32}, {"K_S64", K_S64}, {"K_U64", K_U64}, {"K_F32", K_F32},
+    {"K_F64", K_F64}, {"K_CHAR", K_CHAR}, {"K_STRING", K_STRING}, {"K_LIST", K_LIST},
+    {"K_RECORD", K_RECORD}, {"K_TUPLE", K_TUPLE}, {"K_VARIANT", K_VARIANT}, {"K_ENUM", K_ENUM},
+    {"K_OPTION", K_OPTION}, {"K_RESULT", K_RESULT}, {"K_FLAGS", K_FLAGS}, {"K_BYTES", K_BYTES},
+    {"K_BORROW", K_BORROW}, {"K_OWN", K_OWN},
+};
+
 PyMODINIT_FUNC PyInit__hostcall(void) {
     if (PyType_Ready(&HostFunctionType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
+    for (size_t i = 0; i < sizeof SPEC_KINDS / sizeof SPEC_KINDS[0]; i++) {
+        if (PyModule_AddIntConstant(m, SPEC_KINDS[i].name, SPEC_KINDS[i].kind) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
     s_get = PyUnicode_InternFromString("get");
     s_remove = PyUnicode_InternFromString("remove");
     s_add = PyUnicode_InternFromString("add");

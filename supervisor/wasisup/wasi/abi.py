@@ -33,9 +33,14 @@ from wasmtime.component import (
 )
 
 from . import _hostcall
-from ._hostcall import HostFunction
+from ._hostcall import (
+    K_BOOL, K_BORROW, K_BYTES, K_CHAR, K_ENUM, K_F32, K_F64, K_FLAGS, K_LIST, K_OPTION, K_OWN,
+    K_RECORD, K_RESULT, K_S8, K_S16, K_S32, K_S64, K_STRING, K_TUPLE, K_U8, K_U16, K_U32, K_U64,
+    K_VARIANT, HostFunction,
+)
 
 log = logging.getLogger("wasisup.host")
+
 
 class Ok:
     """The ok case of a nested WIT ``result``."""
@@ -134,13 +139,8 @@ def _drop_quietly(obj: Resource) -> None:
         log.exception("dropping %s failed", type(obj).__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------
-# WIT types as the trampoline's specs: (kind, ...) tuples, kinds as in _hostcall.c
-
-K_BOOL, K_S8, K_U8, K_S16, K_U16, K_S32, K_U32, K_S64, K_U64, K_F32, K_F64, K_CHAR = range(12)
-K_STRING, K_LIST, K_RECORD, K_TUPLE, K_VARIANT, K_ENUM, K_OPTION, K_RESULT, K_FLAGS = range(12, 21)
-K_BYTES, K_BORROW, K_OWN = 100, 101, 102
+# WIT types as the trampoline's specs: (kind, ...) tuples, the kinds _hostcall exports
 
 _SIMPLE_KINDS: dict[type, int] = {
     Bool: K_BOOL, S8: K_S8, U8: K_U8, S16: K_S16, U16: K_U16, S32: K_S32, U32: K_U32,
@@ -208,14 +208,7 @@ def _resource_dropped(ctx: int, rep: int) -> None:
 
 
 _hostcall.setup(
-    symbols={name: ctypes.cast(ffi.dll[name], ctypes.c_void_p).value for name in (
-        "wasm_byte_vec_new", "wasmtime_component_vallist_new_uninit",
-        "wasmtime_component_valtuple_new_uninit", "wasmtime_component_valrecord_new_uninit",
-        "wasmtime_component_valflags_new_uninit", "wasmtime_component_val_new",
-        "wasmtime_component_resource_host_new", "wasmtime_component_resource_host_rep",
-        "wasmtime_component_resource_host_delete", "wasmtime_component_resource_any_to_host",
-        "wasmtime_component_resource_host_to_any", "wasmtime_error_new", "wasmtime_error_delete",
-    )},
+    address=lambda name: ctypes.cast(ffi.dll[name], ctypes.c_void_p).value,
     ok=Ok, err=Err, trap=Trap, stores=STORES, on_failure=_host_function_failed,
     on_drop=_resource_dropped,
 )
