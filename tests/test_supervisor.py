@@ -399,6 +399,28 @@ def test_a_guest_loop_is_interrupted_after_the_worker_timeout(serve):
     assert "computed for 3 s without waiting for I/O" in server.log()
 
 
+def test_a_computing_guest_takes_turns_with_the_others(serve):
+    # One worker, one guest running wasm at a time: a guest in a loop passes its turn on.
+    server = serve("hog", "-w", "1", "--threads", "2", "--compute-timeout", "20")
+    spinner = threading.Thread(target=_quietly, args=(server.request, "GET", "/spin"), daemon=True)
+    spinner.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert server.request("GET", "/", timeout=30)[0] == 200
+    assert time.monotonic() - started < 5, "the spinning guest kept the worker's turn"
+
+
+def test_a_guest_waiting_on_io_gives_up_its_turn(serve, upstream):
+    server = serve("proxy", "-w", "1", "--threads", "2", "--env", f"UPSTREAM={upstream}")
+    slow = threading.Thread(target=server.request, args=("GET", "/slow?seconds=4"), daemon=True)
+    slow.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert server.request("GET", "/healthz", timeout=30)[0] == 200
+    assert time.monotonic() - started < 2, "the waiting guest kept the worker's turn"
+    slow.join(30)
+
+
 def test_a_guest_waiting_on_io_is_not_a_guest_loop(serve, upstream):
     server = serve("proxy", "--compute-timeout", "1", "--env", f"UPSTREAM={upstream}")
     status, _, body = server.request("GET", "/slow?seconds=3")

@@ -8,6 +8,14 @@ Instances come from wasmtime's pooling allocator (copy-on-write memory images), 
 Two limits interrupt wasm (epoch interruption): the request's deadline (``request_timeout``),
 and ``compute_timeout``, the longest a guest may run without waiting for I/O — a guest stuck
 in a loop gets a 504, a guest streaming a long download keeps going.
+
+A worker's request threads take turns running guests (``RunSlot``): a guest holds the turn
+while it runs and gives it up whenever it waits for I/O, and a guest that computes for long
+passes it on every epoch tick. Wasm runs without the GIL but every host call takes it back,
+so threads running guests side by side hand the GIL to each other at every host call (four
+threads on a small guest: ~30 context switches a request, ~7 in turns). The worker's
+parallelism comes from its processes; ``wasm_parallelism`` lets more guests of one worker run
+at once.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import logging
 import resource
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -42,6 +51,8 @@ POOL_CORE_INSTANCES_PER_COMPONENT = 64
 POOL_MEMORIES_PER_COMPONENT = 8
 POOL_TABLES_PER_COMPONENT = 8
 POOL_TABLE_ELEMENTS = 100_000
+# What a Store's epoch-deadline callback tells wasmtime: carry on (sync mode cannot yield).
+UPDATE_DEADLINE_CONTINUE = 0
 
 
 class GuestTrap(Exception):
@@ -73,6 +84,39 @@ def pooling_config(instances: int) -> Config:
     return config
 
 
+class RunSlot:
+    """Turns to run guest code: at most ``size`` threads hold one; the others wait in line
+    (first come, first served; a turn given up goes straight to the next in line)."""
+
+    def __init__(self, size: int = 1) -> None:
+        self._free = size
+        self._lock = threading.Lock()
+        self._line: deque[threading.Lock] = deque()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._free:
+                self._free -= 1
+                return
+            turn = threading.Lock()
+            turn.acquire()
+            self._line.append(turn)
+        turn.acquire()  # released by the thread that hands its turn over
+
+    def release(self) -> None:
+        with self._lock:
+            if self._line:
+                self._line.popleft().release()
+            else:
+                self._free += 1
+
+    def pass_on(self) -> None:
+        """Let the threads in line run first, then take a turn again."""
+        if self._line:
+            self.release()
+            self.acquire()
+
+
 class Guest:
     """A component instance in its own Store, ready to handle requests."""
 
@@ -81,14 +125,19 @@ class Guest:
         self.context = WasiContext(runtime.env, runtime.outbound)
         self.store = Store(runtime.engine)
         self.ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
-        self._arm(runtime.compute_timeout)
+        self._limit = "compute"  # the time limit the running wasm is under
+        self._limit_at = time.monotonic() + runtime.compute_timeout
+        self._has_turn = False
+        _GUESTS[self.ctx] = self
+        ffi.wasmtime_store_epoch_deadline_callback(self.store.ptr(), _ON_EPOCH_DEADLINE, None,
+                                                   _NO_FINALIZER)
+        self.store.set_epoch_deadline(1)
         if runtime.max_memory:
             self.store.set_limits(memory_size=runtime.max_memory)
         abi.STORES[self.ctx] = self.context
         self.uses = 0
         self.healthy = True
         self.running_since: Optional[float] = None  # in wasm since (None: idle or waiting)
-        self._limit = ""  # which time limit the armed epoch deadline is
         try:
             instance = runtime.linker.instantiate(self.store, runtime.component)
             export = instance.get_export_index(self.store, runtime.handler_export)
@@ -103,23 +152,34 @@ class Guest:
             raise LinkError(f"{runtime.handler_export} exports no `handle` function")
         self._func = func._func
 
-    def _arm(self, seconds: float) -> None:
-        self.store.set_epoch_deadline(max(1, round(seconds / EPOCH_TICK)))
-
     def _resume(self) -> None:
-        """Wasm runs again (at the start, or after the guest waited for I/O): it may compute
-        for ``compute_timeout`` from now, and never past the request's deadline."""
-        self.running_since = time.monotonic()
-        limit, self._limit = self.runtime.compute_timeout, "compute"
+        """Wasm runs again (at the start, or after the guest waited for I/O), once it is this
+        thread's turn: it may compute for ``compute_timeout`` from now, and never past the
+        request's deadline."""
+        self.runtime.run_slot.acquire()
+        self._has_turn = True
+        now = time.monotonic()
+        self.running_since = now
+        self._limit, self._limit_at = "compute", now + self.runtime.compute_timeout
         deadline = self.context.waiter.deadline
-        if deadline is not None:
-            left = (deadline - time.monotonic_ns()) / 1e9
-            if left < limit:
-                limit, self._limit = left, "request"
-        self._arm(limit)
+        if deadline is not None and deadline / 1e9 < self._limit_at:
+            self._limit, self._limit_at = "request", deadline / 1e9
+        self.store.set_epoch_deadline(1)
 
     def _pause(self) -> None:
         self.running_since = None
+        if self._has_turn:
+            self._has_turn = False
+            self.runtime.run_slot.release()
+
+    def on_epoch_deadline(self) -> Optional[str]:
+        """Every epoch tick while wasm runs: why it must stop, if it must; else let the
+        threads waiting for a turn run first."""
+        if time.monotonic() >= self._limit_at:
+            return "epoch interrupt"
+        if self._has_turn:
+            self.runtime.run_slot.pass_on()
+        return None
 
     def handle(self, request: abi.Resource, outparam: abi.Resource, request_id: str) -> None:
         """Run the guest's handler; raises GuestTrap if it traps (the instance is then spent)."""
@@ -161,8 +221,30 @@ class Guest:
 
     def close(self) -> None:
         abi.STORES.pop(self.ctx, None)
+        _GUESTS.pop(self.ctx, None)
         self.context.close()
         self.store = None  # type: ignore[assignment]
+
+
+# Guests by their Store's context address: how the epoch callback finds its Guest.
+_GUESTS: dict[int, Guest] = {}
+
+
+@ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_context_t), ctypes.c_void_p,
+                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
+def _ON_EPOCH_DEADLINE(context: Any, data: Any, delta: Any, kind: Any) -> int:
+    """wasmtime's epoch-deadline callback: carry on one more tick, or stop the guest (a
+    wasmtime error, which traps it)."""
+    guest = _GUESTS.get(ctypes.cast(context, ctypes.c_void_p).value)
+    stop = guest.on_epoch_deadline() if guest is not None else None
+    if stop is not None:
+        return ctypes.cast(ffi.wasmtime_error_new(stop.encode()), ctypes.c_void_p).value or 0
+    delta[0] = 1
+    kind[0] = UPDATE_DEADLINE_CONTINUE
+    return 0
+
+
+_NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
 
 
 def _trap_message(error: WasmtimeError) -> str:
@@ -178,7 +260,8 @@ class Runtime:
 
     def __init__(self, cwasm: Path, env: list[tuple[str, str]], outbound: Any,
                  max_instance_reuse: int = 1, request_timeout: float = 0, max_memory: int = 0,
-                 compute_timeout: float = 30.0, threads: int = 1, metrics: Any = None) -> None:
+                 compute_timeout: float = 30.0, threads: int = 1, wasm_parallelism: int = 1,
+                 metrics: Any = None) -> None:
         self.env = env
         self.outbound = outbound
         self.max_instance_reuse = max(1, max_instance_reuse)
@@ -190,6 +273,7 @@ class Runtime:
         self._all_idle: list[list[Guest]] = []  # every thread's idle list, for close()
         self._running: set[Guest] = set()
         self._lock = threading.Lock()
+        self.run_slot = RunSlot(wasm_parallelism)
         # Per thread: one instance running, one idle (reused or prepared), one being replaced.
         try:
             if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:

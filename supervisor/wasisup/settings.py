@@ -346,6 +346,22 @@ class DataRateGrace(Setting):
         """
 
 
+class WasmParallelism(Setting):
+    name = "wasm_parallelism"
+    section = SECTION
+    cli = ["--wasm-parallelism"]
+    meta = "INT"
+    validator = validate_positive
+    default = 1
+    desc = """\
+        guests of one worker that run wasm at the same time; the worker's other threads wait
+
+        A guest gives up its turn whenever it waits for I/O, and every 50 ms while it computes.
+        Running several guests of one worker at once makes their threads hand the GIL to each
+        other at every host call; run more workers for more parallelism instead.
+        """
+
+
 class ComputeTimeout(Setting):
     name = "compute_timeout"
     section = SECTION

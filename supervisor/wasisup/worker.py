@@ -68,6 +68,7 @@ class WasmWorker(Worker):
                               max_instance_reuse=cfg.max_instance_reuse,
                               request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,
                               compute_timeout=self.compute_timeout, threads=cfg.threads,
+                              wasm_parallelism=cfg.wasm_parallelism,
                               metrics=stats)
         except (CompileError, LinkError) as exc:
             # The master checked the component; if it still fails here, respawning won't help.
