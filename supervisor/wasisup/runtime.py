@@ -189,22 +189,13 @@ class Guest:
         if self.runtime.request_timeout:
             waiter.deadline = time.monotonic_ns() + int(self.runtime.request_timeout * 1e9)
         waiter.on_sleep, waiter.on_wake = self._pause, self._resume
-        params = (ffi.wasmtime_component_val_t * 2)()
-        for i, argument in enumerate((request, outparam)):
-            abi.lower_resource(argument, ctypes.addressof(params[i]), self.context, self.ctx)
         self._resume()
         try:
-            error = ffi.wasmtime_component_func_call(ctypes.byref(self._func), self.store._context(),
-                                                     params, 2, None, 0)
-            if not error:
-                error = ffi.wasmtime_component_func_post_return(ctypes.byref(self._func),
-                                                                self.store._context())
-            if error:
+            error = abi.call_handler(self._func, self.ctx, request, outparam, self.context)
+            if error is not None:
                 self.healthy = False
-                raise self._trap(_trap_message(WasmtimeError._from_ptr(error)))
+                raise self._trap(_trap_message(error))
         finally:
-            for param in params:  # the call copied them: the resource handles are still ours
-                ffi.wasmtime_component_val_delete(ctypes.byref(param))
             self._pause()
             waiter.deadline = None
             self.context.end_request()

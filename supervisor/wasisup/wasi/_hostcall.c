@@ -47,6 +47,10 @@ static void *(*any_to_host)(void *ctx, const void *any, void **host_out);
 static void *(*host_to_any)(void *ctx, const void *host, void **any_out);
 static void *(*error_new)(const char *message);
 static void (*error_delete)(void *error);
+static void *(*func_call)(const void *func, void *ctx, const void *args, size_t nargs,
+                          void *results, size_t nresults);
+static void *(*func_post_return)(const void *func, void *ctx);
+static void (*val_delete)(void *val);
 
 /* Python objects, filled in by setup() */
 static PyObject *Ok, *Err, *Trap, *stores, *on_failure, *on_drop;
@@ -760,13 +764,30 @@ static void no_finalizer(void *data) { (void)data; }
 /* ------------------------------------------------------------------------------------------ */
 /* Module */
 
-static PyObject *lower_resource(PyObject *module, PyObject *args) {
-    PyObject *value, *res;
-    unsigned long long addr, ctx;
-    if (!PyArg_ParseTuple(args, "OKOK", &value, &addr, &res, &ctx)) return NULL;
-    if (lower_own(value, (uint8_t *)(uintptr_t)addr, (void *)(uintptr_t)ctx, res) < 0)
+/* Call a guest function taking two owned resources and returning nothing (the incoming
+ * handler): the GIL is released only while the guest runs, not around the small calls before
+ * and after it (each release is a chance for another thread to take the GIL, and a wait to get
+ * it back). Returns the wasmtime error's address, or None. */
+static PyObject *call_handler(PyObject *module, PyObject *args) {
+    unsigned long long func, ctx;
+    PyObject *first, *second, *res;
+    if (!PyArg_ParseTuple(args, "KKOOO", &func, &ctx, &first, &second, &res)) return NULL;
+    void *context = (void *)(uintptr_t)ctx;
+    _Alignas(8) uint8_t params[2 * VAL_SIZE] = {K_BOOL};
+    if (lower_own(first, params, context, res) < 0) return NULL;
+    if (lower_own(second, params + VAL_SIZE, context, res) < 0) {
+        val_delete(params);
         return NULL;
-    Py_RETURN_NONE;
+    }
+    void *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = func_call((void *)(uintptr_t)func, context, params, 2, NULL, 0);
+    Py_END_ALLOW_THREADS
+    if (error == NULL) error = func_post_return((void *)(uintptr_t)func, context);
+    val_delete(params); /* the call copied them: the handles are still ours to drop */
+    val_delete(params + VAL_SIZE);
+    if (error == NULL) Py_RETURN_NONE;
+    return PyLong_FromVoidPtr(error);
 }
 
 /* Fill `slot` with wasmtime's function `name`, as `address(name)` finds it. */
@@ -799,6 +820,9 @@ static PyObject *setup(PyObject *module, PyObject *args, PyObject *kwargs) {
         {"wasmtime_component_resource_host_to_any", (void **)&host_to_any},
         {"wasmtime_error_new", (void **)&error_new},
         {"wasmtime_error_delete", (void **)&error_delete},
+        {"wasmtime_component_func_call", (void **)&func_call},
+        {"wasmtime_component_func_post_return", (void **)&func_post_return},
+        {"wasmtime_component_val_delete", (void **)&val_delete},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         if (take_symbol(address, table[i].name, table[i].slot) < 0) return NULL;
@@ -817,8 +841,10 @@ static PyMethodDef methods[] = {
      "setup(address, ok, err, trap, stores, on_failure, on_drop): address(name) finds each "
      "wasmtime C API function this module calls; then the Python side's classes and hooks. "
      "Called once, by abi.py."},
-    {"lower_resource", lower_resource, METH_VARARGS,
-     "lower_resource(value, addr, resources, ctx): write own<value> at addr (a call's argument)."},
+    {"call_handler", call_handler, METH_VARARGS,
+     "call_handler(func, ctx, first, second, resources): call the guest function at address func "
+     "in the Store whose context is at ctx with own<first> and own<second>; returns the address "
+     "of wasmtime's error, or None."},
     {NULL},
 };
 

@@ -214,9 +214,14 @@ _hostcall.setup(
 )
 
 
-def lower_resource(value: Resource, addr: int, res: Resources, ctx: int) -> None:
-    """Write ``own<value>`` for a call into the guest (the incoming-handler's arguments)."""
-    _hostcall.lower_resource(value, addr, res, ctx)
+def call_handler(func: Any, ctx: int, first: Resource, second: Resource,
+                 res: Resources) -> Optional[WasmtimeError]:
+    """Call the guest's ``func`` (a wasmtime_component_func_t) with ``own<first>`` and
+    ``own<second>`` (the incoming-handler's arguments); the error if it trapped."""
+    error = _hostcall.call_handler(ctypes.addressof(func), ctx, first, second, res)
+    if error is None:
+        return None
+    return WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
 _vp, _sz, _u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32
