@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 
 import h11
 
-from .request_head import BadRequest, Limits, check_head, protocol_error, skip_empty_lines
+from .request_head import (BadRequest, Limits, RequestHead, check_head, protocol_error,
+                           skip_empty_lines)
 
 RECV_SIZE = 64 * 1024
 # Response bytes held for a client that has not taken them yet: beyond this the guest waits
@@ -100,8 +101,8 @@ class Connection:
         self.must_close = False  # the next response announces `Connection: close`
         self.broken = False  # close after this response: its framing can't be trusted
         self.requests = 0  # answered on this connection
-        self.request: Optional[h11.Request] = None  # the head a request thread is to serve
-        self.request_head: Optional[h11.Request] = None  # the request being answered
+        self.request: Optional[RequestHead] = None  # the head a request thread is to serve
+        self.request_head: Optional[RequestHead] = None  # the request being answered
         now = time.monotonic()
         self.head_started: Optional[float] = now  # a new connection's head is due from accept
         self.idle_since = now
@@ -138,7 +139,7 @@ class Connection:
         self.h11.receive_data(data)
         return bool(data)
 
-    def read_head(self, receive: bool = True) -> Optional[h11.Request]:
+    def read_head(self, receive: bool = True) -> Optional[RequestHead]:
         """The next request head if it is complete (reading what the socket has, unless
         ``receive`` is false), else None. Raises BadRequest, or ClientGone."""
         if receive and not self._head and self.receive() is None:
@@ -166,10 +167,10 @@ class Connection:
             trailing = len(self.h11.trailing_data[0])
             head = bytes(self._head[:len(self._head) - trailing])
             self._head, self._skipped = bytearray(), 0
-            check_head(event, head, self.limits)
+            request = check_head(event, head, self.limits)
             self.head_started = None
-            self.request_head = event
-            return event
+            self.request_head = request
+            return request
 
     # -- the response
     @property
@@ -189,7 +190,7 @@ class Connection:
         chunked (HTTP/1.1) or by closing the connection (HTTP/1.0); none follows for HEAD, 204
         and 304. Raises ValueError for a response HTTP/1.1 cannot carry."""
         request = self.request_head
-        keep_alive = not self.must_close and _keeps_alive(request)
+        keep_alive = not self.must_close and request.keep_alive
         self.out += self._response.start(status, headers, request.method == b"HEAD",
                                          request.http_version == b"1.1", keep_alive)
 
@@ -342,14 +343,6 @@ def _send_queue(fd: int, request: int) -> int:
         return struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
     except OSError:
         return 0
-
-
-def _keeps_alive(request: h11.Request) -> bool:
-    """HTTP/1.1 keeps the connection unless the client says close (as h11, no 1.0 keep-alive)."""
-    if request.http_version != b"1.1":
-        return False
-    return not any(name.lower() == b"connection" and b"close" in value.lower()
-                   for name, value in request.headers.raw_items())
 
 
 class ResponseFraming:

@@ -1,4 +1,4 @@
-"""What happens to a request: h11 request -> guest's incoming-handler -> streamed response.
+"""What happens to a request: its checked head -> the guest's incoming-handler -> the response.
 
 ``GuestHandler`` builds the ``incoming-request`` (its body read from the connection on demand,
 so the guest gets back-pressure) and a ``response-outparam`` whose response is written to the
@@ -21,7 +21,7 @@ from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
 from .connection import Connection, http_date
-from .request_head import clean_trailers, header_fields, request_target
+from .request_head import RequestHead, clean_trailers
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -298,7 +298,7 @@ class GuestHandler:
         # log record per request would be built just to be dropped.
         self._log_access = access_log.hasHandlers()
 
-    def __call__(self, conn: Connection, request: h11.Request) -> None:
+    def __call__(self, conn: Connection, request: RequestHead) -> None:
         request_id = f"{self._prefix}-{next(self._ids)}"
         started = time.monotonic()
         if self.metrics is not None:
@@ -321,19 +321,17 @@ class GuestHandler:
             if self.on_request is not None:
                 self.on_request()
 
-    def _run_guest(self, conn: Connection, request: h11.Request, writer: "ResponseWriter",
+    def _run_guest(self, conn: Connection, request: RequestHead, writer: "ResponseWriter",
                    request_id: str) -> None:
-        fields = header_fields(request)
-        path_with_query, authority = request_target(request, fields)  # (checked by the server)
         body = ClientBody(conn, self.body_limit)
         try:
             with self.runtime.guest() as guest:
                 incoming = IncomingRequest(
                     method=request.method.decode("ascii"),
-                    path_with_query=path_with_query,
+                    path_with_query=request.path_with_query,
                     scheme="http",
-                    authority=authority,
-                    headers=Fields.from_pairs(fields),
+                    authority=request.authority,
+                    headers=Fields.from_pairs(request.fields),
                     body=body,
                     waiter=guest.context.waiter)
                 hooks = guest.context.waiter.before_sleep

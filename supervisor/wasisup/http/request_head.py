@@ -3,9 +3,9 @@
 h11 parses; it is lenient where a server in front of a guest must not be (it folds
 ``Content-Length: 5,5`` into 5, accepts any ``HTTP/x.y``, any request-target, controls in field
 values, obs-fold) and it answers 501 where RFC 9112 asks for a 400 (chunked applied twice).
-These functions take the ``h11.Request`` and the raw head bytes and raise ``BadRequest`` with
-the status RFC 9112 gives; ``request_target`` says what the guest sees as path-with-query and
-authority.
+``check_head`` takes the ``h11.Request`` and the raw head bytes and raises ``BadRequest`` with
+the status RFC 9112 gives, or returns the ``RequestHead`` a request thread serves: the fields,
+what the guest sees as path-with-query and authority, and whether the connection may stay open.
 """
 
 from __future__ import annotations
@@ -55,6 +55,19 @@ class Limits:
         return self.request_line + self.request_fields * (self.request_field_size + 2) + 4
 
 
+@dataclass(frozen=True)
+class RequestHead:
+    """A checked request head, as plain data."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    fields: list[tuple[bytes, bytes]]  # names in lower case
+    path_with_query: Optional[str]  # None for CONNECT
+    authority: Optional[str]
+    keep_alive: bool  # HTTP/1.1 without `Connection: close` (as h11, no 1.0 keep-alive)
+
+
 class BadRequest(Exception):
     """The client sent something we refuse; ``status`` says how."""
 
@@ -80,8 +93,8 @@ def _host(fields: list[tuple[bytes, bytes]]) -> Optional[bytes]:
     return next((value for name, value in fields if name == b"host"), None)
 
 
-def check_head(request: h11.Request, head: bytes, limits: Limits) -> None:
-    """Raise BadRequest unless the head h11 parsed from the bytes ``head`` may be served."""
+def check_head(request: h11.Request, head: bytes, limits: Limits) -> RequestHead:
+    """The head h11 parsed from the bytes ``head``, if it may be served; else BadRequest."""
     if not request.http_version.startswith(b"1."):
         raise BadRequest(505, f"HTTP/{request.http_version.decode()} is not supported; "
                               "use HTTP/1.1")
@@ -107,7 +120,11 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> None:
     host = _host(fields)
     if host is not None and not _HOST.match(host):
         raise BadRequest(400, "Host is not a valid host[:port]")
-    request_target(request, fields)
+    path_with_query, authority = request_target(request, fields)
+    keep_alive = request.http_version == b"1.1" and not any(
+        name == b"connection" and b"close" in value.lower() for name, value in fields)
+    return RequestHead(request.method, request.target, request.http_version, fields,
+                       path_with_query, authority, keep_alive)
 
 
 def _check_content_length(values: list[bytes], limits: Limits) -> None:

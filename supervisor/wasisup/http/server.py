@@ -27,10 +27,9 @@ import threading
 import time
 from typing import Callable, Optional
 
-import h11
 
 from .connection import ClientGone, Connection
-from .request_head import BadRequest, Limits
+from .request_head import BadRequest, Limits, RequestHead
 
 log = logging.getLogger("wasisup.server")
 
@@ -45,7 +44,7 @@ NEXT_REQUEST_WAIT = 0.001
 CLOSE_DRAIN_TIME = 2.0  # reading and dropping what a client still sends after we close
 TICK_INTERVAL = 1.0
 
-Handler = Callable[[Connection, h11.Request], None]
+Handler = Callable[[Connection, RequestHead], None]
 
 
 class Server:
@@ -216,7 +215,7 @@ class Server:
         else:
             self._dispatch(conn, request)
 
-    def _dispatch(self, conn: Connection, request: h11.Request) -> None:
+    def _dispatch(self, conn: Connection, request: RequestHead) -> None:
         conn.state = "request"
         conn.request = request
         with self._busy_lock:
