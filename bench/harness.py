@@ -51,12 +51,12 @@ def wasmtime_cli() -> Path:
 
 
 def wasisup(port: int, wasm: Path, *, workers: int, reuse: int = 1, threads: int | None = None,
-            env: Mapping[str, str] = {}) -> list[str]:
+            env: Mapping[str, str] = {}, options: tuple[str, ...] = ()) -> list[str]:
     """The command line serving ``wasm`` with wasisup on a loopback port."""
     return [sys.executable, "-m", "wasisup", "-w", str(workers), "-b", f"127.0.0.1:{port}",
             "--log-level", "error", "--max-instance-reuse", str(reuse),
             *(["--threads", str(threads)] if threads else []),
-            *(f"--env={name}={value}" for name, value in env.items()), str(wasm)]
+            *(f"--env={name}={value}" for name, value in env.items()), *options, str(wasm)]
 
 
 def wasmtime_serve(port: int, wasm: Path, *, reuse: int = 1,
@@ -85,14 +85,15 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> N
 
 
 @contextlib.contextmanager
-def server(argv: list[str], port: int) -> Iterator[None]:
-    """Run ``argv`` until the block ends, once it listens on ``port``; its stderr explains a failure."""
+def server(argv: list[str], port: int) -> Iterator[subprocess.Popen]:
+    """Run ``argv`` until the block ends, once it listens on ``port`` (the block gets its
+    process); its stderr explains a failure."""
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=stderr, start_new_session=True)
         try:
             _wait_for_port(port, proc)
-            yield
+            yield proc
         except SetupError as exc:
             stderr.seek(0)
             tail = stderr.read().decode(errors="replace").strip().splitlines()[-5:]
