@@ -33,3 +33,4 @@ test-deploy: setup
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/turns.py
