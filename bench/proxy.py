@@ -1,13 +1,15 @@
 """The proxy path: wasisup vs `wasmtime serve` running the reference guest in front of nginx.
 
-    python bench/proxy.py [--seconds 5] [--workers 2] [--threads 4]
+    python bench/proxy.py [--seconds 3] [--rounds 3] [--workers 2] [--threads 4]
     python bench/proxy.py --sustain 60
 
 One run starts its own upstream (nginx on loopback, keep-alive on; bench/upstream.py) and
-serves guest/proxy with ``UPSTREAM`` pointing at it, first from wasisup, then from
-`wasmtime serve`. Each case is warmed up, then loaded with wrk; the table gives req/s (MB/s
-for 1 MiB), the ratio, errors (wrk socket errors + non-2xx answers) and the upstream
-connections each server opened per 1,000 requests, from nginx's own count.
+serves guest/proxy with ``UPSTREAM`` pointing at it from wasisup and from `wasmtime serve`,
+both at once. Each case warms both up, then loads them with wrk in turn, round after round, so
+a burst of noise from the machine falls on one round rather than on one server. The table gives
+each server's req/s (MB/s for 1 MiB) over all rounds, the median of the rounds' ratios and
+their range, errors (wrk socket errors + non-2xx answers) and the upstream connections each
+server opened per 1,000 requests, from nginx's own count.
 
 ``--sustain SECONDS`` proxies 1 KiB at full rate through wasisup alone, and compares the
 upstream connections it opened (from start-up on) with the bound 4 x workers x threads:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,37 +54,58 @@ CASES = (
 )
 
 
-def _measure(command: Callable[[int], list[str]], path: str, seconds: float,
-             upstream: Nginx) -> tuple[Load, int]:
-    """The load, and the upstream connections opened under it (after the warm-up)."""
-    with warmed_up(command, path) as url:
-        before = upstream.connections_accepted()
-        load = wrk(url, seconds)
-        return load, upstream.connections_accepted() - before
-
-
 def _per_1k(opened: int, load: Load) -> str:
     return f"{opened * 1000 / load.requests:,.1f}" if load.requests else "-"
 
 
-def compare(guests: dict[str, Path], upstream: Nginx, seconds: float, workers: int,
-            threads: int) -> list[tuple[str, ...]]:
-    """One row per case: wasisup and `wasmtime serve` side by side."""
+class Tally:
+    """One server's loads over the rounds of a case, and the upstream connections it opened."""
+
+    def __init__(self) -> None:
+        self.loads: list[Load] = []
+        self.opened = 0
+
+    def load(self, url: str, seconds: float, upstream: Nginx) -> Load:
+        before = upstream.connections_accepted()
+        load = wrk(url, seconds)
+        self.opened += upstream.connections_accepted() - before
+        self.loads.append(load)
+        return load
+
+    def total(self) -> Load:
+        """The rounds as one load: requests and errors added up, rates averaged."""
+        rounds = len(self.loads)
+        return Load(requests=sum(load.requests for load in self.loads),
+                    rps=sum(load.rps for load in self.loads) / rounds,
+                    mbps=sum(load.mbps for load in self.loads) / rounds,
+                    socket_errors=sum(load.socket_errors for load in self.loads),
+                    non_2xx=sum(load.non_2xx for load in self.loads))
+
+
+def compare(guests: dict[str, Path], upstream: Nginx, seconds: float, rounds: int,
+            workers: int, threads: int) -> list[tuple[str, ...]]:
+    """One row per case: wasisup and `wasmtime serve` loaded in turn, ``rounds`` times."""
     env = {"UPSTREAM": upstream.url}
     rows = []
     for case in CASES:
         wasm = guests[case.guest]
-        (mine, mine_opened), (theirs, theirs_opened) = (
-            _measure(command, case.path, seconds, upstream) for command in (
-                partial(wasisup, wasm=wasm, workers=workers, threads=threads, reuse=case.reuse,
-                        env=env),
-                partial(wasmtime_serve, wasm=wasm, reuse=case.reuse, env=env)))
-        mine_value, theirs_value = getattr(mine, case.column), getattr(theirs, case.column)
+        mine, theirs, ratios = Tally(), Tally(), []
+        with (warmed_up(partial(wasisup, wasm=wasm, workers=workers, threads=threads,
+                                reuse=case.reuse, env=env), case.path) as mine_url,
+              warmed_up(partial(wasmtime_serve, wasm=wasm, reuse=case.reuse, env=env),
+                        case.path) as theirs_url):
+            for _ in range(rounds):
+                mine_value = getattr(mine.load(mine_url, seconds, upstream), case.column)
+                theirs_value = getattr(theirs.load(theirs_url, seconds, upstream), case.column)
+                ratios.append(mine_value / theirs_value if theirs_value else 0.0)
+        mine_load, theirs_load = mine.total(), theirs.total()
         proxied = case.guest == "proxy"
-        rows.append((case.label, f"{mine_value:,.0f}", f"{theirs_value:,.0f}",
-                     f"{mine_value / theirs_value:.2f}x" if theirs_value else "-",
-                     f"{mine.errors} / {theirs.errors}",
-                     f"{_per_1k(mine_opened, mine)} / {_per_1k(theirs_opened, theirs)}"
+        rows.append((case.label, f"{getattr(mine_load, case.column):,.0f}",
+                     f"{getattr(theirs_load, case.column):,.0f}",
+                     f"{statistics.median(ratios):.2f}x",
+                     f"{min(ratios):.2f}-{max(ratios):.2f}",
+                     f"{mine_load.errors} / {theirs_load.errors}",
+                     f"{_per_1k(mine.opened, mine_load)} / {_per_1k(theirs.opened, theirs_load)}"
                      if proxied else "n/a"))
     return rows
 
@@ -118,11 +142,14 @@ def run(args: argparse.Namespace) -> None:
             return
         guests = {"proxy": proxy, "hello": build(ROOT / "tests" / "guests" / "hello")}
         print_table(f"Proxy path on {os.cpu_count()} cores, upstream nginx on loopback "
-                    f"(wrk -t2 -c16, {args.seconds:g}s per case; wasisup -w {args.workers} "
+                    f"(wrk -t2 -c16, {args.rounds} rounds of {args.seconds:g}s a server per "
+                    f"case; wasisup -w {args.workers} "
                     f"--threads {args.threads})",
-                    ("case", "wasisup", "wasmtime serve", "ratio", "errors (wasisup / wasmtime)",
+                    ("case", "wasisup", "wasmtime serve", "ratio (median)", "ratio range",
+                     "errors (wasisup / wasmtime)",
                      "upstream conns per 1k requests (wasisup / wasmtime)"),
-                    compare(guests, upstream, args.seconds, args.workers, args.threads))
+                    compare(guests, upstream, args.seconds, args.rounds, args.workers,
+                            args.threads))
 
 
 def _at_least_one(text: str) -> int:
@@ -133,7 +160,10 @@ def _at_least_one(text: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5, help="wrk duration per case")
+    parser.add_argument("--seconds", type=float, default=3,
+                        help="wrk duration per server and round")
+    parser.add_argument("--rounds", type=_at_least_one, default=3,
+                        help="rounds per case (the ratio is their median)")
     parser.add_argument("--workers", type=_at_least_one, default=os.cpu_count() or 1,
                         help="wasisup -w (default: one per core)")
     parser.add_argument("--threads", type=_at_least_one, default=4, help="wasisup --threads")
