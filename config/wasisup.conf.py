@@ -27,6 +27,7 @@ bind = ["127.0.0.1:8080"]           # HOST:PORT or unix:PATH, several allowed (-
 # -- limits
 # request_timeout = 0               # the guest's deadline per request, seconds -> 504
 # compute_timeout = 0               # wasm running this long without waiting for I/O -> 504 (0: timeout)
+# wasm_parallelism = 0              # guests of a worker running wasm at once, others in turn (0: all)
 # max_memory = 0                    # a guest instance's linear memory cap, e.g. "256M" -> 500
 # limit_request_line = 4094         # bytes -> 414
 # limit_request_fields = 100        # header count -> 431

@@ -400,8 +400,9 @@ def test_a_guest_loop_is_interrupted_after_the_worker_timeout(serve):
 
 
 def test_a_computing_guest_takes_turns_with_the_others(serve):
-    # One worker, one guest running wasm at a time: a guest in a loop passes its turn on.
-    server = serve("hog", "-w", "1", "--threads", "2", "--compute-timeout", "20")
+    # One guest of the worker runs wasm at a time: a guest in a loop passes its turn on.
+    server = serve("hog", "-w", "1", "--threads", "2", "--wasm-parallelism", "1",
+                   "--compute-timeout", "20")
     spinner = threading.Thread(target=_quietly, args=(server.request, "GET", "/spin"), daemon=True)
     spinner.start()
     time.sleep(0.5)
@@ -411,7 +412,8 @@ def test_a_computing_guest_takes_turns_with_the_others(serve):
 
 
 def test_a_guest_waiting_on_io_gives_up_its_turn(serve, upstream):
-    server = serve("proxy", "-w", "1", "--threads", "2", "--env", f"UPSTREAM={upstream}")
+    server = serve("proxy", "-w", "1", "--threads", "2", "--wasm-parallelism", "1",
+                   "--env", f"UPSTREAM={upstream}")
     slow = threading.Thread(target=server.request, args=("GET", "/slow?seconds=4"), daemon=True)
     slow.start()
     time.sleep(0.5)

@@ -9,13 +9,12 @@ Two limits interrupt wasm (epoch interruption): the request's deadline (``reques
 and ``compute_timeout``, the longest a guest may run without waiting for I/O — a guest stuck
 in a loop gets a 504, a guest streaming a long download keeps going.
 
-A worker's request threads take turns running guests (``RunSlot``): a guest holds the turn
-while it runs and gives it up whenever it waits for I/O, and a guest that computes for long
-passes it on every epoch tick. Wasm runs without the GIL but every host call takes it back,
-so threads running guests side by side hand the GIL to each other at every host call (four
-threads on a small guest: ~30 context switches a request, ~7 in turns). The worker's
-parallelism comes from its processes; ``wasm_parallelism`` lets more guests of one worker run
-at once.
+``wasm_parallelism`` can make a worker's request threads take turns running guests
+(``RunSlot``): a guest holds a turn while it runs, gives it up whenever it waits for I/O, and
+passes it on every epoch tick while it computes. Wasm runs without the GIL but every host call
+takes it back, so guests running side by side hand the GIL to each other at every host call
+when the worker has cores to run them on at the same moment (one worker, four threads, 2
+cores: ~32 context switches a small request; ~9 in turns).
 """
 
 from __future__ import annotations
@@ -251,7 +250,7 @@ class Runtime:
 
     def __init__(self, cwasm: Path, env: list[tuple[str, str]], outbound: Any,
                  max_instance_reuse: int = 1, request_timeout: float = 0, max_memory: int = 0,
-                 compute_timeout: float = 30.0, threads: int = 1, wasm_parallelism: int = 1,
+                 compute_timeout: float = 30.0, threads: int = 1, wasm_parallelism: int = 0,
                  metrics: Any = None) -> None:
         self.env = env
         self.outbound = outbound
@@ -264,7 +263,7 @@ class Runtime:
         self._all_idle: list[list[Guest]] = []  # every thread's idle list, for close()
         self._running: set[Guest] = set()
         self._lock = threading.Lock()
-        self.run_slot = RunSlot(wasm_parallelism)
+        self.run_slot = RunSlot(wasm_parallelism or threads)
         # Per thread: one instance running, one idle (reused or prepared), one being replaced.
         try:
             if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:

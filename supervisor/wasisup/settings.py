@@ -351,14 +351,16 @@ class WasmParallelism(Setting):
     section = SECTION
     cli = ["--wasm-parallelism"]
     meta = "INT"
-    validator = validate_positive
-    default = 1
+    validator = validate_count
+    default = 0
     desc = """\
-        guests of one worker that run wasm at the same time; the worker's other threads wait
+        guests of one worker running wasm at once, the others waiting their turn; 0: all
 
         A guest gives up its turn whenever it waits for I/O, and every 50 ms while it computes.
-        Running several guests of one worker at once makes their threads hand the GIL to each
-        other at every host call; run more workers for more parallelism instead.
+        Guests running side by side hand the GIL to each other at every host call, which costs
+        when a worker's threads have cores to run on at the same moment: 1 saved a single
+        worker on 2 cores ~20% CPU a small request, while with a worker per core turns cost
+        4-10% more (bench/turns.py).
         """
 
 
