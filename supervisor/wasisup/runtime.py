@@ -163,7 +163,6 @@ class Guest:
         deadline = self.context.waiter.deadline
         if deadline is not None and deadline / 1e9 < self._limit_at:
             self._limit, self._limit_at = "request", deadline / 1e9
-        self.store.set_epoch_deadline(1)
 
     def _pause(self) -> None:
         self.running_since = None
@@ -172,8 +171,9 @@ class Guest:
             self.runtime.run_slot.release()
 
     def on_epoch_deadline(self) -> Optional[str]:
-        """Every epoch tick while wasm runs: why it must stop, if it must; else let the
-        threads waiting for a turn run first."""
+        """At an epoch tick while wasm runs (the deadline is always the next tick, so the
+        limits are checked here, not re-armed when wasm resumes): why it must stop, if it
+        must; else let the threads waiting for a turn run first."""
         if time.monotonic() >= self._limit_at:
             return "epoch interrupt"
         if self._has_turn:
