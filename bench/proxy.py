@@ -3,9 +3,9 @@
     python bench/proxy.py [--seconds 3] [--rounds 3] [--workers 2] [--threads 4]
     python bench/proxy.py --sustain 60
 
-One run starts its own upstream (nginx on loopback, keep-alive on; bench/upstream.py) and
-serves guest/proxy with ``UPSTREAM`` pointing at it from wasisup and from `wasmtime serve`,
-both at once. Each case warms both up, then loads them with wrk in turn, round after round, so
+One run starts its own upstreams (nginx on loopback, keep-alive on, one for each server;
+bench/upstream.py) and serves guest/proxy with ``UPSTREAM`` pointing at them from wasisup and
+from `wasmtime serve`, both at once. Each case warms both up, then loads them with wrk in turn, round after round, so
 a burst of noise from the machine falls on one round rather than on one server. The table gives
 each server's req/s (MB/s for 1 MiB) over all rounds, the median of the rounds' ratios and
 their range, errors (wrk socket errors + non-2xx answers) and the upstream connections each
@@ -82,21 +82,25 @@ class Tally:
                     non_2xx=sum(load.non_2xx for load in self.loads))
 
 
-def compare(guests: dict[str, Path], upstream: Nginx, seconds: float, rounds: int,
-            workers: int, threads: int) -> list[tuple[str, ...]]:
-    """One row per case: wasisup and `wasmtime serve` loaded in turn, ``rounds`` times."""
-    env = {"UPSTREAM": upstream.url}
+def compare(guests: dict[str, Path], upstreams: tuple[Nginx, Nginx], seconds: float,
+            rounds: int, workers: int, threads: int) -> list[tuple[str, ...]]:
+    """One row per case: wasisup and `wasmtime serve` (each in front of its own upstream)
+    loaded in turn, ``rounds`` times."""
+    mine_upstream, theirs_upstream = upstreams
     rows = []
     for case in CASES:
         wasm = guests[case.guest]
         mine, theirs, ratios = Tally(), Tally(), []
         with (warmed_up(partial(wasisup, wasm=wasm, workers=workers, threads=threads,
-                                reuse=case.reuse, env=env), case.path) as mine_url,
-              warmed_up(partial(wasmtime_serve, wasm=wasm, reuse=case.reuse, env=env),
+                                reuse=case.reuse, env={"UPSTREAM": mine_upstream.url}),
+                        case.path) as mine_url,
+              warmed_up(partial(wasmtime_serve, wasm=wasm, reuse=case.reuse,
+                                env={"UPSTREAM": theirs_upstream.url}),
                         case.path) as theirs_url):
             for _ in range(rounds):
-                mine_value = getattr(mine.load(mine_url, seconds, upstream), case.column)
-                theirs_value = getattr(theirs.load(theirs_url, seconds, upstream), case.column)
+                mine_value = getattr(mine.load(mine_url, seconds, mine_upstream), case.column)
+                theirs_value = getattr(theirs.load(theirs_url, seconds, theirs_upstream),
+                                       case.column)
                 ratios.append(mine_value / theirs_value if theirs_value else 0.0)
         mine_load, theirs_load = mine.total(), theirs.total()
         proxied = case.guest == "proxy"
@@ -133,22 +137,24 @@ def sustain(proxy: Path, upstream: Nginx, seconds: float, workers: int,
 
 def run(args: argparse.Namespace) -> None:
     proxy = build(ROOT / "guest" / "proxy")
-    with nginx(FILES) as upstream:
-        if args.sustain:
+    if args.sustain:
+        with nginx(FILES) as upstream:
             print_table(f"Sustained proxying, 1 KiB through wasisup -w {args.workers} --threads "
                         f"{args.threads}, instance reuse ({REUSE}) (wrk -t2 -c16, {args.sustain:g}s)",
                         ("measure", "value"),
                         sustain(proxy, upstream, args.sustain, args.workers, args.threads))
-            return
-        guests = {"proxy": proxy, "hello": build(ROOT / "tests" / "guests" / "hello")}
+        return
+    guests = {"proxy": proxy, "hello": build(ROOT / "tests" / "guests" / "hello")}
+    # An upstream each: wasmtime serve's connection per request must not crowd out wasisup's
+    # pooled ones (nginx closes idle keep-alive connections when it runs short).
+    with nginx(FILES) as mine, nginx(FILES) as theirs:
         print_table(f"Proxy path on {os.cpu_count()} cores, upstream nginx on loopback "
                     f"(wrk -t2 -c16, {args.rounds} rounds of {args.seconds:g}s a server per "
-                    f"case; wasisup -w {args.workers} "
-                    f"--threads {args.threads})",
+                    f"case; wasisup -w {args.workers} --threads {args.threads})",
                     ("case", "wasisup", "wasmtime serve", "ratio (median)", "ratio range",
                      "errors (wasisup / wasmtime)",
                      "upstream conns per 1k requests (wasisup / wasmtime)"),
-                    compare(guests, upstream, args.seconds, args.rounds, args.workers,
+                    compare(guests, (mine, theirs), args.seconds, args.rounds, args.workers,
                             args.threads))
 
 
