@@ -225,12 +225,12 @@ _GUESTS: dict[int, Guest] = {}
 def _ON_EPOCH_DEADLINE(context: Any, data: Any, delta: Any, kind: Any) -> int:
     """wasmtime's epoch-deadline callback: carry on one more tick, or stop the guest (a
     wasmtime error, which traps it)."""
+    delta[0] = 1  # (set first: the next tick is armed whatever happens below)
+    kind[0] = UPDATE_DEADLINE_CONTINUE
     guest = _GUESTS.get(ctypes.cast(context, ctypes.c_void_p).value)
     stop = guest.on_epoch_deadline() if guest is not None else None
     if stop is not None:
         return ctypes.cast(ffi.wasmtime_error_new(stop.encode()), ctypes.c_void_p).value or 0
-    delta[0] = 1
-    kind[0] = UPDATE_DEADLINE_CONTINUE
     return 0
 
 
