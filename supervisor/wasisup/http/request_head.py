@@ -120,7 +120,7 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> RequestHead
     host = _host(fields)
     if host is not None and not _HOST.match(host):
         raise BadRequest(400, "Host is not a valid host[:port]")
-    path_with_query, authority = request_target(request, fields)
+    path_with_query, authority = request_target(request, host)
     keep_alive = request.http_version == b"1.1" and not any(
         name == b"connection" and b"close" in value.lower() for name, value in fields)
     return RequestHead(request.method, request.target, request.http_version, fields,
@@ -158,12 +158,11 @@ def protocol_error(exc: h11.RemoteProtocolError, received: bytes) -> BadRequest:
 
 
 def request_target(request: h11.Request,
-                   fields: list[tuple[bytes, bytes]]) -> tuple[Optional[str], Optional[str]]:
+                   host: Optional[bytes]) -> tuple[Optional[str], Optional[str]]:
     """(path-with-query, authority) the guest sees, from the request-target's form (RFC 9112
     3.2): origin-form with Host; absolute-form, whose authority wins over Host; ``*`` only for
-    OPTIONS; authority-form only for CONNECT. ``fields``: the request's ``header_fields``."""
+    OPTIONS; authority-form only for CONNECT. ``host``: the request's Host field, if any."""
     target = request.target
-    host = _host(fields)
     authority = host.decode("latin-1") if host is not None else None
     if request.method == b"CONNECT":
         if not _AUTHORITY_FORM.match(target):

@@ -27,7 +27,6 @@ import threading
 import time
 from typing import Callable, Optional
 
-
 from .connection import ClientGone, Connection
 from .request_head import BadRequest, Limits, RequestHead
 
