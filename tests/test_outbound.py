@@ -1,5 +1,6 @@
 """The guests' outbound HTTP: a keep-alive pool per worker, stale connections, upstreams that
-break off, and the guest's timeouts on a pooled connection — against real upstream sockets."""
+break off, the guest's timeouts on a pooled connection, and every way an upstream may frame (or
+garble) its response, read the same as `wasmtime serve` reads it — against real upstream sockets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Callable, Iterator
 
 import h11
 import pytest
+
+from conftest import guest, running, wasisup_argv, wasmtime_serve_argv
 
 
 class ScriptedUpstream:
@@ -80,6 +83,22 @@ class Exchange:
                     return
             self.upstream.requests.append((self.index, target))
             yield target
+
+    def request_head(self) -> str | None:
+        """The next request's target, as soon as its head has arrived (None: the client
+        closed); for scripts that answer with raw bytes and then close."""
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.h11.receive_data(data)
+            elif isinstance(event, h11.Request):
+                self.upstream.requests.append((self.index, event.target.decode()))
+                return event.target.decode()
+            else:
+                return None
 
     def answer(self, body: bytes = b"ok", declared: int | None = None) -> None:
         """A 200 with ``body``; ``declared`` announces another content-length (a short body)."""
@@ -178,3 +197,46 @@ def test_first_byte_timeout_on_a_pooled_connection(serve, upstreams):
     assert server.request("GET", f"/?url={upstream.url}/again")[2] == b"upstream 200\nok /again"
     # the timed-out connection was dropped, the first one reused
     assert upstream.connections == 2
+
+
+# Responses an upstream may send, byte for byte: each is sent on a connection of its own, which
+# the upstream then closes.
+RAW_RESPONSES = {
+    "/chunked-with-trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                              b"Trailer: x-checksum\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n"
+                              b"0\r\nx-checksum: abc\r\n\r\n",
+    "/until-close": b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n"
+                    b"a body that ends when the connection does",
+    "/http-1.0": b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "/informational-first": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                            b"Link: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "/not-http": b"HTCPCP/1.0 418 I'm a teapot\r\n\r\n",
+    "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    "/header-without-colon": b"HTTP/1.1 200 OK\r\nbroken header\r\nContent-Length: 2\r\n\r\nok",
+    "/nothing": b"",
+}
+
+
+def answer_raw(exchange: Exchange) -> None:
+    target = exchange.request_head()
+    if target is not None:
+        exchange.sock.sendall(RAW_RESPONSES[target])
+        exchange.sock.shutdown(socket.SHUT_WR)
+
+
+def test_response_framings_read_as_wasmtime_serve_reads_them(tmp_path, upstreams):
+    upstream = upstreams(answer_raw)
+    component = guest("outbound")
+
+    def replies(argv_for_port) -> dict[str, tuple[int, bytes]]:
+        with running(argv_for_port, tmp_path) as server:
+            return {target: server.request("GET", f"/?url={upstream.url}{target}")[::2]
+                    for target in RAW_RESPONSES}
+
+    ours = replies(lambda port: wasisup_argv(component, "--threads", "1", port=port))
+    theirs = replies(wasmtime_serve_argv(component))
+    assert ours == theirs
+    assert ours["/chunked-with-trailers"] == (200, b"upstream 200\nhello, world\n"
+                                                    b"trailer x-checksum: abc")
+    assert ours["/until-close"] == (200, b"upstream 200\na body that ends when the connection does")

@@ -1,5 +1,5 @@
-"""GET /?url=URL fetches URL with an outbound request and answers with its status and body,
-or a 502 naming the error-code."""
+"""GET /?url=URL fetches URL with an outbound request and answers with its status, body and
+trailers (a line ``trailer NAME: VALUE`` each), or a 502 naming the error-code."""
 
 import re
 from urllib.parse import parse_qs, urlsplit
@@ -31,7 +31,7 @@ def answer(response_out, status: int, body_bytes: bytes) -> None:
 
 
 def fetch(url: str):
-    """(status, body) of a GET, or raise Err(error-code)."""
+    """(status, body and trailer lines) of a GET, or raise Err(error-code)."""
     target = urlsplit(url)
     request = OutgoingRequest(Fields())
     request.set_scheme(Scheme_Https() if target.scheme == "https" else Scheme_Http())
@@ -57,7 +57,15 @@ def fetch(url: str):
                 if isinstance(err.value, StreamError_Closed):
                     break
                 raise
-    IncomingBody.finish(body)
+    future = IncomingBody.finish(body)
+    with future.subscribe() as ready:
+        ready.block()
+    outcome = future.get().value
+    if isinstance(outcome, Err):
+        raise outcome
+    trailers = outcome.value
+    if trailers is not None:
+        chunks += [b"\ntrailer %s: %s" % (name.encode(), value) for name, value in trailers.entries()]
     return response.status(), b"".join(chunks)
 
 
