@@ -199,6 +199,20 @@ def test_first_byte_timeout_on_a_pooled_connection(serve, upstreams):
     assert upstream.connections == 2
 
 
+def test_a_connection_the_upstream_said_it_closes_is_not_reused(serve, upstreams):
+    def answer_then_linger(exchange: Exchange) -> None:
+        if exchange.request_head() is not None:
+            exchange.sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                  b"Content-Length: 2\r\n\r\nok")
+            time.sleep(15)  # the socket stays open: only the header says the connection is done
+    upstream = upstreams(answer_then_linger)
+    server = serve("proxy", "--threads", "1", "--env", f"UPSTREAM={upstream.url}")
+    assert server.request("GET", "/one")[::2] == (200, b"ok")
+    started = time.monotonic()
+    assert server.request("GET", "/two")[::2] == (200, b"ok")
+    assert time.monotonic() - started < 5
+    assert upstream.connections == 2
+
 # Responses an upstream may send, byte for byte: each is sent on a connection of its own, which
 # the upstream then closes.
 RAW_RESPONSES = {

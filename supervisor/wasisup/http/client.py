@@ -4,10 +4,11 @@
 request/response over a pooled (or new) non-blocking upstream connection. An exchange has no
 thread of its own: it advances whenever the guest looks at it (polls the response future,
 writes the request body, reads the response body) or is about to sleep, and it tells the
-guest's ``poll`` which socket and deadline to sleep on. h11 frames the request and parses the
-response head and chunked bodies; a body with a content-length is read straight from the
-socket, so a splice moves it in large pieces. A connection whose exchange ended cleanly goes
-back to the pool. Failures become the wasi:http ``error-code`` wasmtime would give the guest.
+guest's ``poll`` which socket and deadline to sleep on. The request is framed by hand
+(``framing``); llhttp parses the response head and chunked bodies (``response_parser``); a body
+with a content-length is read straight from the socket, so a splice moves it in large pieces.
+A connection whose exchange ended cleanly goes back to the pool. Failures become the wasi:http
+``error-code`` wasmtime would give the guest.
 """
 
 from __future__ import annotations
@@ -16,23 +17,23 @@ import logging
 import time
 from typing import Any, Optional
 
-import h11
-
 from ..wasi.abi import Err
 from ..wasi.http import (
     Fields, FutureIncomingResponse, IncomingResponse, OutgoingRequest, RequestOptions,
     attach_body, method_wire, scheme_wire,
 )
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed, Waiter
+from .framing import chunk, field_lines, last_chunk
 from .outbound_policy import OutboundPolicy, Refused, Target, parse_target
 from .pool import ConnectFailed, Pool, UpstreamConnection
+from .response_parser import ResponseParser, UpstreamHead, UpstreamProtocolError
 
 log = logging.getLogger("wasisup.outbound")
 
 DEFAULT_TIMEOUT_NS = 600 * 10**9  # wasmtime's default for every request-options timeout
 RECV_SIZE = 256 * 1024
 # While the head is awaited, reads are small: what follows it is better left in the socket for
-# the body to be read straight into a splice's buffer than copied through h11.
+# the body to be read straight into a splice's buffer than copied through the parser.
 HEAD_RECV_SIZE = 16 * 1024
 # Request body the exchange holds before the guest must wait for the upstream to take it.
 SEND_BUFFER = 256 * 1024
@@ -89,10 +90,11 @@ class Exchange:
         self._started = time.monotonic_ns()
         self.conn: Optional[UpstreamConnection] = None
         self._connected_at = 0
-        self._h11 = h11.Connection(h11.CLIENT)
+        self._parser = ResponseParser()
         self.error: Any = None  # the error-code the exchange failed with
         # the request
         self._head_sent = False
+        self._request_done = False  # every byte of the request is framed
         self._held = bytearray()  # body written before the head went out
         self._chunked = False
         self._out = bytearray()  # framed, not yet sent
@@ -104,6 +106,7 @@ class Exchange:
         self.response: Optional[IncomingResponse] = None
         self._received_any = False
         self._keep_alive = False
+        self._until_close = False  # the body ends when the upstream closes the connection
         self._raw_left: Optional[int] = None  # bytes of a content-length body still to read
         self.buffer = bytearray()
         self.eof = False
@@ -126,10 +129,9 @@ class Exchange:
             attach_body(request.outgoing_body, self.request_body)
         waiter.before_sleep.append(self.flush)
 
-    # -- the request, framed by h11
-    def _frame(self, event: Any) -> None:
-        data = self._h11.send(event)
-        if data:
+    # -- the request
+    def _frame(self, *parts: bytes | memoryview) -> None:
+        for data in parts:
             self._out += data
             if self._replay is not None:
                 if len(self._replay) + len(data) <= REPLAY_LIMIT:
@@ -141,28 +143,38 @@ class Exchange:
         """The head, once the body is known or big enough: a finished body goes with a
         content-length (none when empty), one still being written is chunked."""
         self._head_sent = True
-        headers = [("host", self.target.authority), *self._headers]
+        headers = [("host", self.target.authority.encode()), *self._headers]
         declared = any(name == "content-length" for name, _ in self._headers)
         if self.body_state in ("open", "aborted") and not declared:
-            headers.append(("transfer-encoding", "chunked"))
+            headers.append(("transfer-encoding", b"chunked"))
             self._chunked = True
         elif self.body_state == "finished" and not declared and self._body_length:
-            headers.append(("content-length", str(self._body_length)))
-        self._frame(h11.Request(method=self.method, target=self._target, headers=headers))
+            headers.append(("content-length", b"%d" % self._body_length))
+        self._frame(b"%s %s HTTP/1.1\r\n" % (self.method.encode(), self._target.encode()),
+                    field_lines(headers), b"\r\n")
         held, self._held = self._held, bytearray()
         if held:
-            self._frame(h11.Data(data=bytes(held)))
+            self._frame_body(held)
         if self.body_state in ("none", "finished"):
             self._frame_end()
 
+    def _frame_body(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        if self._chunked:
+            self._frame(*chunk(data))
+        else:
+            self._frame(data)
+
     def _frame_end(self) -> None:
-        trailers = self._trailers.pairs() if self._trailers is not None and self._chunked else []
-        self._frame(h11.EndOfMessage(headers=trailers))
+        self._request_done = True
+        if self._chunked:
+            self._frame(last_chunk(self._trailers.pairs() if self._trailers is not None else []))
 
     def write_body(self, data: bytes | memoryview) -> None:
         self._body_length += len(data)
         if self._head_sent:
-            self._frame(h11.Data(data=bytes(data)))
+            self._frame_body(data)
         else:
             self._held += data
         self.advance(send_head=len(self._held) >= SEND_BUFFER)
@@ -213,58 +225,96 @@ class Exchange:
             self.fail(exc.code, str(exc))
         except OSError as exc:
             self._broken(exc)
-        if self._h11.our_state is h11.DONE and not self._out or self.error is not None:
+        if self._request_done and not self._out or self.error is not None:
             self._stop_flushing()
 
     def _receive_head(self) -> None:
         while self.response is None and self.error is None:
-            try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                self.fail("HTTP-protocol-error", str(exc))
-                return
-            if event is h11.NEED_DATA:
-                if not self._receive():
-                    if self._connected_at and time.monotonic_ns() - self._connected_at > self._first_byte_ns:
-                        self.fail("connection-read-timeout")
-                    return  # (or a replay on a new connection started)
-            elif isinstance(event, h11.InformationalResponse):
-                continue
-            elif isinstance(event, h11.Response):
-                self._start_response(event)
-            else:  # the upstream closed the connection without answering
-                self.fail("connection-terminated")
+            if not self._receive():
+                if (self.conn is not None and self._connected_at
+                        and time.monotonic_ns() - self._connected_at > self._first_byte_ns):
+                    self.fail("connection-read-timeout")
+                return  # (or a replay on a new connection started)
 
     def _receive(self) -> bool:
-        """Feed h11 what the socket has now; False if nothing was there."""
+        """Parse what the socket has now; False if nothing was there (or the exchange ended)."""
         data = self.conn.recv(HEAD_RECV_SIZE if self.response is None else RECV_SIZE)
         if data is None:
             return False
-        if not data and not self._received_any and self._may_replay():
-            self._replay_on_new_connection()
+        if not data:
+            self._upstream_closed()
             return False
         self._received_any = True
-        self._h11.receive_data(data)
+        try:
+            self._parser.feed(data)
+        except UpstreamProtocolError as exc:
+            if self.response is None:
+                self.fail("HTTP-protocol-error", str(exc))
+            else:
+                self._body_failed(f"the upstream's response body is malformed: {exc}")
+            return False
+        if self.response is None and self._parser.head is not None:
+            self._start_response(self._parser.head)
+        self._take_parsed_body()
         return True
 
-    def _start_response(self, head: h11.Response) -> None:
-        self._replay = None
-        fields = Fields.from_pairs(head.headers.raw_items())
-        length = fields.first("content-length")
-        if self.method == "HEAD" or head.status_code in (204, 304):
+    def _upstream_closed(self) -> None:
+        if self.response is None:
+            if not self._received_any and self._may_replay():
+                self._replay_on_new_connection()
+            else:
+                self.fail("HTTP-protocol-error", "the upstream closed the connection without a "
+                          "complete response head")
+        elif self._until_close:
             self.eof = True
-        elif length is not None and fields.first("transfer-encoding") is None:
-            leftover = self._h11.trailing_data[0]
-            self._raw_left = int(length) - len(leftover)
-            if self._raw_left < 0:  # more bytes than the response declared
-                self.fail("HTTP-protocol-error")
+            self.discard()
+        else:
+            self._body_failed("the upstream closed the connection before the body ended")
+
+    def _take_parsed_body(self) -> None:
+        """Move the body bytes the parser read into the body buffer (chunked, or until close)."""
+        parser = self._parser
+        if self.response is None or self._raw_left is not None or self.eof:
+            return
+        if parser.body:
+            self.buffer += parser.body
+            parser.body.clear()
+            self._last_progress = time.monotonic_ns()
+        if parser.complete:
+            self.eof = True
+            self.response_trailers = parser.trailers or None
+            if parser.extra:
+                self._keep_alive = False
+            self.release_if_done()
+
+    def _start_response(self, head: UpstreamHead) -> None:
+        self._replay = None
+        framing = _framing_fields(head.fields)
+        parser = self._parser
+        leftover = bytes(parser.body)  # body bytes that came with the head
+        parser.body.clear()
+        self._keep_alive = head.http_version == "1.1" and b"close" not in framing["connection"]
+        if self.method == "HEAD" or head.status in (204, 304):
+            self.eof = True
+            if leftover or parser.extra:  # bytes no response may have here
+                self._keep_alive = False
+        elif framing["transfer-encoding"]:
+            if framing["transfer-encoding"].rpartition(b",")[2].strip() != b"chunked":
+                self._until_close, self._keep_alive = True, False
+            self.buffer += leftover
+        elif framing["content-length"]:
+            if parser.extra:
+                self.fail("HTTP-protocol-error", "more bytes than the declared content-length")
                 return
+            self._raw_left = int(framing["content-length"]) - len(leftover)
             self.buffer += leftover
             self.eof = self._raw_left == 0
-        connection = (fields.first("connection") or b"").lower()
-        self._keep_alive = head.http_version == b"1.1" and b"close" not in connection
+        else:
+            self._until_close, self._keep_alive = True, False
+            self.buffer += leftover
         self._last_progress = time.monotonic_ns()
-        self.response = IncomingResponse(head.status_code, fields, self.response_body, self.waiter)
+        self.response = IncomingResponse(head.status, Fields.from_pairs(head.fields),
+                                         self.response_body, self.waiter)
         self.release_if_done()
 
     # -- the response body
@@ -334,20 +384,10 @@ class Exchange:
             return
         try:
             while not self.buffer and not self.eof and self.body_error is None:
-                event = self._h11.next_event()
-                if event is h11.NEED_DATA:
-                    if not self._receive():
+                if not self._receive():
+                    if self.body_error is None and not self.eof:
                         self._check_between_bytes()
-                        return
-                elif isinstance(event, h11.Data):
-                    self.buffer += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    self.eof = True
-                    self.response_trailers = event.headers.raw_items() or None
-                else:
-                    self._body_failed("the upstream closed the connection before the body ended")
-        except h11.RemoteProtocolError as exc:
-            self._body_failed(f"the upstream's response body is malformed: {exc}")
+                    return
         except OSError as exc:
             self._body_failed(f"reading the upstream response failed: {exc}")
 
@@ -439,11 +479,20 @@ class Exchange:
     def release_if_done(self) -> None:
         """Return the connection to the pool once both messages are complete and consumed."""
         if (self.conn is not None and self.eof and not self.buffer and self._keep_alive
-                and self._h11.our_state is h11.DONE and not self._out
-                and (self._raw_left == 0 or self._h11.their_state is h11.DONE)):
+                and self._request_done and not self._out):
             conn, self.conn = self.conn, None
             self.pool.release(conn)
             self._stop_flushing()
+
+
+def _framing_fields(fields: list[tuple[bytes, bytes]]) -> dict[str, bytes]:
+    """The fields that frame a response, lower-cased, a repeated one joined with commas."""
+    found = {"content-length": b"", "transfer-encoding": b"", "connection": b""}
+    for raw_name, value in fields:
+        name = raw_name.decode("latin-1").lower()
+        if name in found:
+            found[name] = (found[name] + b"," + value if found[name] else value).lower()
+    return found
 
 
 class ResponseHead:
