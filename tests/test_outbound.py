@@ -219,8 +219,12 @@ RAW_RESPONSES = {
     "/chunked-with-trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
                               b"Trailer: x-checksum\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n"
                               b"0\r\nx-checksum: abc\r\n\r\n",
+    "/chunked-large": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                      + b"".join(b"%x\r\n%s\r\n" % (size, bytes([65 + i]) * size)
+                                 for i, size in enumerate((70_000, 300_000, 1))) + b"0\r\n\r\n",
     "/until-close": b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n"
                     b"a body that ends when the connection does",
+    "/until-close-large": b"HTTP/1.0 200 OK\r\n\r\n" + bytes(range(256)) * 2000,
     "/http-1.0": b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     "/informational-first": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
                             b"Link: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
@@ -254,3 +258,5 @@ def test_response_framings_read_as_wasmtime_serve_reads_them(tmp_path, upstreams
     assert ours["/chunked-with-trailers"] == (200, b"upstream 200\nhello, world\n"
                                                     b"trailer x-checksum: abc")
     assert ours["/until-close"] == (200, b"upstream 200\na body that ends when the connection does")
+    assert ours["/chunked-large"] == (200, b"upstream 200\n" + b"A" * 70_000 + b"B" * 300_000 + b"C")
+    assert ours["/until-close-large"] == (200, b"upstream 200\n" + bytes(range(256)) * 2000)
