@@ -294,9 +294,9 @@ class Exchange:
         leftover = bytes(parser.body)  # body bytes that came with the head
         parser.body.clear()
         self._keep_alive = head.http_version == "1.1" and b"close" not in framing["connection"]
-        if self.method == "HEAD" or head.status in (204, 304):
+        if self.method == "HEAD" or head.status in (101, 204, 304):
             self.eof = True
-            if leftover or parser.extra:  # bytes no response may have here
+            if leftover or parser.extra or head.status == 101:  # not a plain HTTP/1.1 ending
                 self._keep_alive = False
         elif framing["transfer-encoding"]:
             if framing["transfer-encoding"].rpartition(b",")[2].strip() != b"chunked":
