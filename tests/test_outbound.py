@@ -231,6 +231,12 @@ RAW_RESPONSES = {
     "/no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
     "/switching-protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                             b"Connection: upgrade\r\n\r\n",
+    "/bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "/obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+    "/odd-status": b"HTTP/1.1 599\r\nContent-Length: 2\r\n\r\nok",
+    "/many-headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-%d: %d\r\n" % (i, i) for i in range(150))
+                     + b"Content-Length: 2\r\n\r\nok",
+    "/long-header": b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * 100_000 + b"\r\nContent-Length: 2\r\n\r\nok",
     "/not-http": b"HTCPCP/1.0 418 I'm a teapot\r\n\r\n",
     "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
     "/header-without-colon": b"HTTP/1.1 200 OK\r\nbroken header\r\nContent-Length: 2\r\n\r\nok",

@@ -18,6 +18,8 @@ import httptools
 
 # An upstream head bigger than this is refused (hyper, wasmtime's client, allows ~400 KiB).
 MAX_HEAD = 256 * 1024
+# A head with more fields is refused, as hyper refuses it.
+MAX_FIELDS = 100
 
 
 class UpstreamProtocolError(Exception):
@@ -44,6 +46,8 @@ class ResponseParser:
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._parser = httptools.HttpResponseParser(self)
+        # Lines may end in a bare LF: hyper takes them, and so did h11.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
 
     def feed(self, data: bytes) -> None:
         if self.head is None:
@@ -56,6 +60,8 @@ class ResponseParser:
             raise UpstreamProtocolError(str(exc) or type(exc).__name__) from None
         if self.head is None and self._head_bytes > MAX_HEAD:
             raise UpstreamProtocolError(f"a response head of more than {MAX_HEAD} bytes")
+        if self.head is not None and len(self.head.fields) > MAX_FIELDS:
+            raise UpstreamProtocolError(f"a response head of more than {MAX_FIELDS} fields")
 
     # -- llhttp's callbacks
     def on_message_begin(self) -> None:
