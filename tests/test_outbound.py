@@ -238,6 +238,11 @@ RAW_RESPONSES = {
                      + b"Content-Length: 2\r\n\r\nok",
     "/long-header": b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * 100_000 + b"\r\nContent-Length: 2\r\n\r\nok",
     "/not-http": b"HTCPCP/1.0 418 I'm a teapot\r\n\r\n",
+    "/length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"3\r\nabc\r\n0\r\n\r\n",
+    "/bad-chunk-size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "/more-than-declared": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok and more",
+    "/chunked-then-more": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nmore",
     "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
     "/header-without-colon": b"HTTP/1.1 200 OK\r\nbroken header\r\nContent-Length: 2\r\n\r\nok",
     "/nothing": b"",

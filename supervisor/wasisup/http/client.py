@@ -247,16 +247,19 @@ class Exchange:
         self._received_any = True
         try:
             self._parser.feed(data)
+            broken = None
         except UpstreamProtocolError as exc:
-            if self.response is None:
-                self.fail("HTTP-protocol-error", str(exc))
-            else:
-                self._body_failed(f"the upstream's response body is malformed: {exc}")
-            return False
-        if self.response is None and self._parser.head is not None:
+            broken = exc  # (a head that came whole before the break is still the answer)
+        if self.response is None and self._parser.head is not None and self.error is None:
             self._start_response(self._parser.head)
         self._take_parsed_body()
-        return True
+        if broken is None:
+            return True
+        if self.response is None:
+            self.fail("HTTP-protocol-error", str(broken))
+        else:
+            self._body_failed(f"the upstream's response body is malformed: {broken}")
+        return False
 
     def _upstream_closed(self) -> None:
         if self.response is None:
@@ -300,10 +303,12 @@ class Exchange:
                 self._keep_alive = False
         elif framing["transfer-encoding"]:
             if framing["transfer-encoding"].rpartition(b",")[2].strip() != b"chunked":
-                self._until_close, self._keep_alive = True, False
+                self._until_close = True
+            if self._until_close or framing["content-length"]:  # (the latter: smuggling?)
+                self._keep_alive = False
             self.buffer += leftover
         elif framing["content-length"]:
-            if parser.extra:
+            if parser.extra:  # more bytes than it declared (hyper fails these too)
                 self.fail("HTTP-protocol-error", "more bytes than the declared content-length")
                 return
             self._raw_left = int(framing["content-length"]) - len(leftover)

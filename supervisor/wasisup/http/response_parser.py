@@ -45,11 +45,16 @@ class ResponseParser:
         self.extra = False  # bytes came after the response: the connection is not reusable
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._refused = ""  # why a complete head is not taken
         self._parser = httptools.HttpResponseParser(self)
-        # Lines may end in a bare LF: hyper takes them, and so did h11.
-        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        # As hyper (wasmtime's client) reads a response: lines may end in a bare LF, and a
+        # Transfer-Encoding overrides a Content-Length beside it.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True,
+                                              lenient_chunked_length=True)
 
     def feed(self, data: bytes) -> None:
+        """Parse ``data``; UpstreamProtocolError if it breaks the response (bytes that break
+        only what comes after a complete response set ``extra`` instead)."""
         if self.head is None:
             self._head_bytes += len(data)
         try:
@@ -57,11 +62,13 @@ class ResponseParser:
         except httptools.HttpParserUpgrade:  # after a 101: what follows is another protocol
             self.complete = self.extra = True
         except httptools.HttpParserError as exc:
-            raise UpstreamProtocolError(str(exc) or type(exc).__name__) from None
+            if not self.complete:
+                raise UpstreamProtocolError(self._refused or str(exc) or type(exc).__name__) from None
+            self.extra = True
+        if self._refused:
+            raise UpstreamProtocolError(self._refused)
         if self.head is None and self._head_bytes > MAX_HEAD:
             raise UpstreamProtocolError(f"a response head of more than {MAX_HEAD} bytes")
-        if self.head is not None and len(self.head.fields) > MAX_FIELDS:
-            raise UpstreamProtocolError(f"a response head of more than {MAX_FIELDS} fields")
 
     # -- llhttp's callbacks
     def on_message_begin(self) -> None:
@@ -77,7 +84,11 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if self.head is None and (status >= 200 or status == 101):
+        if self.head is not None or status < 200 and status != 101:
+            return
+        if len(self._fields) > MAX_FIELDS:
+            self._refused = f"a response head of more than {MAX_FIELDS} fields"
+        elif not self._refused:
             self.head = UpstreamHead(status, self._parser.get_http_version(), self._fields)
 
     def on_body(self, data: bytes) -> None:
