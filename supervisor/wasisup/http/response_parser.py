@@ -63,7 +63,7 @@ class ResponseParser:
             self.complete = self.extra = True
         except httptools.HttpParserError as exc:
             if not self.complete:
-                raise UpstreamProtocolError(self._refused or str(exc) or type(exc).__name__) from None
+                raise UpstreamProtocolError(self._refused or str(exc) or "malformed") from None
             self.extra = True
         if self._refused:
             raise UpstreamProtocolError(self._refused)
@@ -88,7 +88,7 @@ class ResponseParser:
             return
         if len(self._fields) > MAX_FIELDS:
             self._refused = f"a response head of more than {MAX_FIELDS} fields"
-        elif not self._refused:
+        else:
             self.head = UpstreamHead(status, self._parser.get_http_version(), self._fields)
 
     def on_body(self, data: bytes) -> None:
