@@ -1,6 +1,6 @@
 """The guests' outbound HTTP: a keep-alive pool per worker, stale connections, upstreams that
-break off, the guest's timeouts on a pooled connection, and every way an upstream may frame (or
-garble) its response, read the same as `wasmtime serve` reads it — against real upstream sockets."""
+break off, the guest's timeouts on a pooled connection, and every way an upstream may frame
+(or garble) its response, read as `wasmtime serve` reads it — against real upstream sockets."""
 
 from __future__ import annotations
 
@@ -227,22 +227,27 @@ RAW_RESPONSES = {
     "/until-close-large": b"HTTP/1.0 200 OK\r\n\r\n" + bytes(range(256)) * 2000,
     "/http-1.0": b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     "/informational-first": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
-                            b"Link: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                            b"Link: </style.css>\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     "/no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
     "/switching-protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                             b"Connection: upgrade\r\n\r\n",
     "/bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
     "/obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
     "/odd-status": b"HTTP/1.1 599\r\nContent-Length: 2\r\n\r\nok",
-    "/many-headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-%d: %d\r\n" % (i, i) for i in range(150))
+    "/many-headers": b"HTTP/1.1 200 OK\r\n"
+                     + b"".join(b"x-%d: %d\r\n" % (i, i) for i in range(150))
                      + b"Content-Length: 2\r\n\r\nok",
-    "/long-header": b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * 100_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "/long-header": b"HTTP/1.1 200 OK\r\nx-long: " + b"v" * 100_000
+                    + b"\r\nContent-Length: 2\r\n\r\nok",
     "/not-http": b"HTCPCP/1.0 418 I'm a teapot\r\n\r\n",
-    "/length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-                           b"3\r\nabc\r\n0\r\n\r\n",
-    "/bad-chunk-size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "/length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "/bad-chunk-size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nabc\r\n0\r\n\r\n",
     "/more-than-declared": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok and more",
-    "/chunked-then-more": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nmore",
+    "/chunked-then-more": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"2\r\nok\r\n0\r\n\r\nmore",
     "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
     "/header-without-colon": b"HTTP/1.1 200 OK\r\nbroken header\r\nContent-Length: 2\r\n\r\nok",
     "/nothing": b"",
@@ -271,5 +276,6 @@ def test_response_framings_read_as_wasmtime_serve_reads_them(tmp_path, upstreams
     assert ours["/chunked-with-trailers"] == (200, b"upstream 200\nhello, world\n"
                                                     b"trailer x-checksum: abc")
     assert ours["/until-close"] == (200, b"upstream 200\na body that ends when the connection does")
-    assert ours["/chunked-large"] == (200, b"upstream 200\n" + b"A" * 70_000 + b"B" * 300_000 + b"C")
+    assert ours["/chunked-large"] == (200, b"upstream 200\n"
+                                           + b"A" * 70_000 + b"B" * 300_000 + b"C")
     assert ours["/until-close-large"] == (200, b"upstream 200\n" + bytes(range(256)) * 2000)

@@ -5,8 +5,9 @@ request and parsed the response in ~80 µs of Python per exchange, this and ``fr
 a proxied 1 KiB request costs ~10% less (in one thread, ~1,340 -> ~1,210 µs).
 
 Interim (1xx) responses are skipped, except a ``101``: like wasmtime, the guest gets it as the
-answer (with no body; the connection is not reused). The caller decides how the body is delimited (it knows whether it asked with HEAD)
-and may stop feeding once the head is in, to read a known length straight from the socket.
+answer (with no body; the connection is not reused). The caller decides how the body is
+delimited (it knows whether it asked with HEAD) and may stop feeding once the head is in, to
+read a known length straight from the socket.
 """
 
 from __future__ import annotations
