@@ -304,7 +304,7 @@ class Exchange:
         elif framing["transfer-encoding"]:
             if framing["transfer-encoding"].rpartition(b",")[2].strip() != b"chunked":
                 self._until_close = True
-            if self._until_close or framing["content-length"]:  # (the latter: smuggling?)
+            if self._until_close or framing["content-length"]:  # both: a suspect message
                 self._keep_alive = False
             self.buffer += leftover
         elif framing["content-length"]:
