@@ -30,6 +30,16 @@ def answer(response_out, status: int, body_bytes: bytes) -> None:
     OutgoingBody.finish(body, None)
 
 
+def settled(future):
+    """What a future resolves to, once it has; raises Err(error-code) if that is a failure."""
+    with future.subscribe() as ready:
+        ready.block()
+    outcome = future.get().value
+    if isinstance(outcome, Err):
+        raise outcome
+    return outcome.value
+
+
 def fetch(url: str):
     """(status, body and trailer lines) of a GET, or raise Err(error-code)."""
     target = urlsplit(url)
@@ -40,13 +50,7 @@ def fetch(url: str):
     options = RequestOptions()
     options.set_connect_timeout(2_000_000_000)
     options.set_first_byte_timeout(5_000_000_000)
-    future = outgoing_handler.handle(request, options)
-    with future.subscribe() as ready:
-        ready.block()
-    result = future.get().value
-    if isinstance(result, Err):
-        raise result
-    response = result.value
+    response = settled(outgoing_handler.handle(request, options))
     body = response.consume()
     chunks = []
     with body.stream() as stream:
@@ -57,15 +61,10 @@ def fetch(url: str):
                 if isinstance(err.value, StreamError_Closed):
                     break
                 raise
-    future = IncomingBody.finish(body)
-    with future.subscribe() as ready:
-        ready.block()
-    outcome = future.get().value
-    if isinstance(outcome, Err):
-        raise outcome
-    trailers = outcome.value
+    trailers = settled(IncomingBody.finish(body))
     if trailers is not None:
-        chunks += [b"\ntrailer %s: %s" % (name.encode(), value) for name, value in trailers.entries()]
+        chunks += [b"\ntrailer %s: %s" % (name.encode(), value)
+                   for name, value in trailers.entries()]
     return response.status(), b"".join(chunks)
 
 
