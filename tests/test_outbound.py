@@ -62,43 +62,38 @@ class Exchange:
         self.upstream, self.sock, self.index = upstream, sock, index
         self.h11 = h11.Connection(h11.SERVER)
 
+    def _event(self) -> object:
+        """h11's next event, reading the socket as it needs (None once the client closed)."""
+        while (event := self.h11.next_event()) is h11.NEED_DATA:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.h11.receive_data(data)
+        return event
+
     def requests(self) -> Iterator[str]:
         """Each request's target, once its body has arrived; ends when the client closes."""
         while True:
             if self.h11.our_state is h11.DONE:
                 self.h11.start_next_cycle()
             target = None
-            while True:
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA:
-                    data = self.sock.recv(65536)
-                    self.h11.receive_data(data)
-                    if not data and target is None:
-                        return
-                elif isinstance(event, h11.Request):
-                    target = event.target.decode()
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
+            while not isinstance(event := self._event(), h11.EndOfMessage):
+                if event is None or isinstance(event, h11.ConnectionClosed):
                     return
+                if isinstance(event, h11.Request):
+                    target = event.target.decode()
             self.upstream.requests.append((self.index, target))
             yield target
 
     def request_head(self) -> str | None:
         """The next request's target, as soon as its head has arrived (None: the client
         closed); for scripts that answer with raw bytes and then close."""
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                data = self.sock.recv(65536)
-                if not data:
-                    return None
-                self.h11.receive_data(data)
-            elif isinstance(event, h11.Request):
-                self.upstream.requests.append((self.index, event.target.decode()))
-                return event.target.decode()
-            else:
-                return None
+        event = self._event()
+        if not isinstance(event, h11.Request):
+            return None
+        target = event.target.decode()
+        self.upstream.requests.append((self.index, target))
+        return target
 
     def answer(self, body: bytes = b"ok", declared: int | None = None) -> None:
         """A 200 with ``body``; ``declared`` announces another content-length (a short body)."""
