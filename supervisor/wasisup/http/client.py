@@ -297,25 +297,24 @@ class Exchange:
         leftover = bytes(parser.body)  # body bytes that came with the head
         parser.body.clear()
         self._keep_alive = head.http_version == "1.1" and b"close" not in framing["connection"]
+        coding, length = framing["transfer-encoding"], framing["content-length"]
         if self.method == "HEAD" or head.status in (101, 204, 304):
             self.eof = True
             if leftover or parser.extra or head.status == 101:  # not a plain HTTP/1.1 ending
                 self._keep_alive = False
-        elif framing["transfer-encoding"]:
-            if framing["transfer-encoding"].rpartition(b",")[2].strip() != b"chunked":
-                self._until_close = True
-            if self._until_close or framing["content-length"]:  # both: a suspect message
-                self._keep_alive = False
-            self.buffer += leftover
-        elif framing["content-length"]:
-            if parser.extra:  # more bytes than it declared (hyper fails these too)
-                self.fail("HTTP-protocol-error", "more bytes than the declared content-length")
-                return
-            self._raw_left = int(framing["content-length"]) - len(leftover)
-            self.buffer += leftover
-            self.eof = self._raw_left == 0
         else:
-            self._until_close, self._keep_alive = True, False
+            if coding:
+                self._until_close = coding.rpartition(b",")[2].strip() != b"chunked"
+            elif length:
+                if parser.extra:  # more bytes than it declared (hyper fails these too)
+                    self.fail("HTTP-protocol-error", "more bytes than the declared content-length")
+                    return
+                self._raw_left = int(length) - len(leftover)
+                self.eof = self._raw_left == 0
+            else:
+                self._until_close = True
+            if self._until_close or coding and length:  # the latter: a suspect message
+                self._keep_alive = False
             self.buffer += leftover
         self._last_progress = time.monotonic_ns()
         self.response = IncomingResponse(head.status, Fields.from_pairs(head.fields),
