@@ -7,10 +7,9 @@ One run starts its own upstreams (nginx on loopback, keep-alive on, one for each
 bench/upstream.py) and serves guest/proxy with ``UPSTREAM`` pointing at them from wasisup and
 from `wasmtime serve`, both at once. Each case warms both up, then loads them with wrk in
 turn, round after round, so a burst of noise from the machine falls on one round rather than
-on one server. The table gives
-each server's req/s (MB/s for 1 MiB) over all rounds, the median of the rounds' ratios and
-their range, errors (wrk socket errors + non-2xx answers) and the upstream connections each
-server opened per 1,000 requests, from nginx's own count.
+on one server. The table gives each server's req/s (MB/s for 1 MiB) over all rounds, the
+median of the rounds' ratios and their range, errors (wrk socket errors + non-2xx answers) and
+the upstream connections each server opened per 1,000 requests, from nginx's own count.
 
 ``--sustain SECONDS`` proxies 1 KiB at full rate through wasisup alone, and compares the
 upstream connections it opened (from start-up on) with the bound 4 x workers x threads:
