@@ -209,6 +209,8 @@ class Connection:
         left empty."""
         self._response.account(count)
         moved = 0
+        if self.out:  # (the response head, typically) goes first; the body follows it at once
+            self.flush(socket.MSG_MORE)
         if not self.out and self._may_send():
             try:
                 moved = os.splice(pipe, self.fd, count, flags=os.SPLICE_F_NONBLOCK)
@@ -254,12 +256,12 @@ class Connection:
             self._unsent_checked = self.sent
         return True
 
-    def _send(self, buffers: list[Any]) -> int:
+    def _send(self, buffers: list[Any], flags: int = 0) -> int:
         """Send what the socket takes now (see ``_may_send``)."""
         if not self._may_send():
             return 0
         try:
-            sent = self.sock.sendmsg(buffers)
+            sent = self.sock.sendmsg(buffers, [], flags)
         except (BlockingIOError, InterruptedError):
             return 0
         self.sent += sent
@@ -270,10 +272,12 @@ class Connection:
         queue still holds (bytes merely queued in our kernel are no sign of a reader)."""
         return self.sent - _send_queue(self.fd, termios.TIOCOUTQ)
 
-    def flush(self) -> bool:
-        """Send what the socket takes now; True once nothing is left. OSError if it broke."""
+    def flush(self, flags: int = 0) -> bool:
+        """Send what the socket takes now; True once nothing is left. OSError if it broke.
+        (``socket.MSG_MORE``: more follows at once, so the kernel may hold these bytes back
+        to share a segment with it.)"""
         if self.out:
-            sent = self._send([self.out])
+            sent = self._send([self.out], flags)
             if sent:
                 del self.out[:sent]
         return not self.out
