@@ -209,7 +209,7 @@ class Connection:
         left empty."""
         self._response.account(count)
         moved = 0
-        if self.out:  # (the response head, typically) goes first; the body follows it at once
+        if self.out:  # what waits there (the head, typically) goes first, the body right behind
             self.flush(socket.MSG_MORE)
         if not self.out and self._may_send():
             try:
