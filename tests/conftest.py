@@ -190,10 +190,11 @@ class BackgroundClients:
             thread.join(60)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """``wasisup ARGS`` to completion, its output captured (for commands that exit)."""
+def run_cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``wasisup ARGS`` to completion, its output captured (for commands that exit); ``env``
+    adds to the environment."""
     return subprocess.run([sys.executable, "-m", "wasisup", *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env={**os.environ, **(env or {})})
 
 
 def wasisup_argv(component: Path, *args: str, port: int) -> list[str]:

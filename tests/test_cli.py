@@ -24,10 +24,10 @@ WASMTIME = importlib.metadata.version("wasmtime")
 GUNICORN = importlib.metadata.version("gunicorn")
 
 
-def error_line(*args: str) -> str:
+def error_line(*args: str, env: dict | None = None) -> str:
     """Run wasisup; it must fail at once with one line `wasisup: error: ...`, exit status 2."""
     started = time.monotonic()
-    result = run_cli(*args)
+    result = run_cli(*args, env=env)
     elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
@@ -133,6 +133,36 @@ def test_config_file_value_names_file_and_key(tmp_path):
     assert f"config file {config}: workers: give a whole number of at least 1" in line
     config.write_text("wokers = 3\n")
     assert "did you mean 'workers'?" in error_line("-c", str(config), str(guest("hello")))
+
+
+def test_startup_values_gunicorn_reads_itself_are_one_line():
+    says = "$WEB_CONCURRENCY: give a whole number of at least 1, not 'x'"
+    assert says in error_line("--version", env={"WEB_CONCURRENCY": "x"})
+    says = "$PORT: give a port number (0-65535), not 'abc'"
+    assert says in error_line(str(guest("hello")), env={"PORT": "abc"})
+
+
+NOT_UTF8 = os.fsdecode(b"\xfe")  # a byte the shell may pass that is not UTF-8
+
+
+def test_text_that_is_not_utf8_is_one_line(tmp_path):
+    line = error_line(f"--env=X={NOT_UTF8}", str(guest("hello")))
+    assert "argument 1" in line and "is not valid UTF-8 (byte 0xfe at character 8)" in line
+    named = tmp_path / f"h{NOT_UTF8}.wasm"
+    named.write_bytes(guest("hello").read_bytes())
+    assert "argument 1" in error_line(str(named))
+    line = error_line(str(guest("hello")), env={"WASISUP_CMD_ARGS": f"--env Y={NOT_UTF8}"})
+    assert "$WASISUP_CMD_ARGS is not valid UTF-8" in line
+
+
+def test_a_guest_environment_that_is_not_utf8_is_refused_wherever_it_comes_from(tmp_path):
+    config = tmp_path / "wasisup.conf.py"
+    config.write_text('guest_env = {"X": "\\udcff"}\n')
+    line = error_line("-c", str(config), str(guest("hello")))
+    assert "guest_env: the value of X is not valid UTF-8 (byte 0xff at character 0)" in line
+    line = error_line("-c", str(ROOT / "deploy" / "wasisup.conf.py"),
+                      env={"UPSTREAM": f"http://127.0.0.1:9000/{NOT_UTF8}"})
+    assert "guest_env: the value of UPSTREAM is not valid UTF-8" in line
 
 
 # -- 6. compile and check say what they did

@@ -14,7 +14,7 @@ from conftest import guest
 from wasisup.compile import engine_config, prepare
 from wasisup.runtime import Runtime
 from wasisup.wasi import abi
-from wasisup.wasi.abi import Err
+from wasisup.wasi.abi import Err, Ok
 from wasisup.wasi.context import WasiContext
 from wasisup.wasi.linker import INTERFACES, link, split_version
 
@@ -60,48 +60,74 @@ def test_guest_instances_are_reused_only_up_to_the_limit():
     runtime.close()
 
 
-def _values_guest(received: dict) -> Callable[[str], str]:
-    """The values guest with its host interface bound to functions that record what they get."""
-    engine = Engine(engine_config())
-    component = Component(engine, guest("values").read_bytes())
+class Thing(abi.Resource):
+    """The values guest's own resource type (a host type id beside the WASI host's)."""
+
+    resource_id = 10_000
+    dropped = 0
+
+    def drop(self) -> None:
+        Thing.dropped += 1
+
+
+class ValuesGuest:
+    """The values guest, its host interface bound to functions that record what they get and
+    answer it back, or what ``answers`` holds for them (a callable making the answer); each
+    ``run`` in a fresh instance, since a trap spends one."""
+
     interface = "wasisup:test/host"
 
-    def record(name: str, answer: Callable = lambda value: value) -> Callable:
+    def __init__(self) -> None:
+        self.received: dict = {}
+        self.answers: dict[str, Callable] = {}
+        self.engine = Engine(engine_config())
+        self.component = Component(self.engine, guest("values").read_bytes())
+
+        def checked(x: int) -> int:
+            if x % 2:
+                raise Err("odd")
+            return x
+
+        functions = {name: self._record(name) for name in (
+            "text", "blob", "points", "maybe", "shapes", "colors", "perms", "nested", "things")}
+        functions["scalars"] = self._record("scalars", lambda *scalars: scalars)
+        functions["checked"] = self._record("checked", checked)
+        functions["broken"] = self._record("broken", lambda: 256)  # does not fit its u8
+        self.linker = Linker(self.engine)
+        types = self.component.type.imports(self.engine)[self.interface].ty.exports(self.engine)
+        with self.linker.root() as root, root.add_instance(self.interface) as instance:
+            abi.add_resource(instance.ptr(), "thing", Thing.resource_id)
+            for name, func in functions.items():
+                params = [t for _, t in types[name].ty.params]
+                abi.add_function(instance.ptr(), name,
+                                 abi.host_function(f"{self.interface}#{name}", func, params,
+                                                   types[name].ty.result))
+        link(self.linker, self.component, self.engine, provided={self.interface})
+        self.context = WasiContext([], None)
+
+    def _record(self, name: str, answer: Callable = lambda value: value) -> Callable:
         def host_function(store, *args):
-            received[name] = args[0] if len(args) == 1 else args
+            self.received[name] = args[0] if len(args) == 1 else args
+            if name in self.answers:
+                return self.answers[name]()
             return answer(*args)
         return host_function
 
-    def checked(x: int) -> int:
-        if x % 2:
-            raise Err("odd")
-        return x
-
-    functions = {name: record(name) for name in (
-        "text", "blob", "points", "maybe", "shapes", "colors", "perms", "nested")}
-    functions["scalars"] = record("scalars", lambda *scalars: scalars)
-    functions["checked"] = record("checked", checked)
-    functions["broken"] = record("broken", lambda: 256)  # does not fit its u8
-    linker = Linker(engine)
-    types = component.type.imports(engine)[interface].ty.exports(engine)
-    with linker.root() as root, root.add_instance(interface) as instance:
-        for name, func in functions.items():
-            params = [t for _, t in types[name].ty.params]
-            abi.add_function(instance.ptr(), name,
-                             abi.host_function(f"{interface}#{name}", func, params,
-                                               types[name].ty.result))
-    link(linker, component, engine, provided={interface})
-    store = Store(engine)
-    store.set_epoch_deadline(1 << 62)
-    context = WasiContext([], None)
-    abi.STORES[ctypes.cast(store._context(), ctypes.c_void_p).value] = context
-    run = linker.instantiate(store, component).get_func(store, "run")
-    return lambda case: run(store, case)
+    def run(self, case: str) -> str:
+        store = Store(self.engine)
+        store.set_epoch_deadline(1 << 62)
+        self.context = WasiContext([], None)
+        ctx = ctypes.cast(store._context(), ctypes.c_void_p).value
+        abi.STORES[ctx] = self.context
+        try:
+            return self.linker.instantiate(store, self.component).get_func(store, "run")(store, case)
+        finally:
+            del abi.STORES[ctx]
 
 
 def test_every_kind_of_value_crosses_the_trampoline_both_ways(caplog):
-    received: dict = {}
-    run = _values_guest(received)
+    values = ValuesGuest()
+    received, run = values.received, values.run
     assert run("round-trip") == "ok"  # the guest got back what it sent
     point = {"x": 3, "y": 4, "label": "sq"}
     assert received["scalars"] == (True, -128, 255, -32768, 65535, -2**31, 2**32 - 1, -2**63,
@@ -121,3 +147,42 @@ def test_every_kind_of_value_crosses_the_trampoline_both_ways(caplog):
     with pytest.raises(WasmtimeError, match="host function wasisup:test/host#broken failed"):
         run("broken")
     assert "OverflowError" in caplog.text  # the cause is logged, the guest sees a trap
+
+
+# Answers the trampoline cannot hand over, each failing at a different depth of a value.
+HOSTILE = {
+    "a lone surrogate": ("text", lambda: "\udcff"),
+    "a list broken part-way": ("points", lambda: [{"x": 1, "y": 2, "label": "a"},
+                                                  {"x": 1, "y": 2, "label": "\ud800"}]),
+    "an integer too wide, after a string": ("points", lambda: [{"x": 1, "y": 2, "label": "a"},
+                                                               {"x": 2**40, "y": 2, "label": "b"}]),
+    "a record field missing": ("points", lambda: [{"x": 1, "y": 2}]),
+    "an option's payload": ("maybe", lambda: "\udcff"),
+    "a variant's payload, in a list": ("shapes", lambda: [("circle", 1.0),
+                                                          ("square", {"x": 1, "y": 2, "label": "\udcff"})]),
+    "a variant case that does not exist": ("shapes", lambda: [("circle", 1.0), ("triangle", 1.0)]),
+    "an enum case that does not exist": ("colors", lambda: ["blue", "mauve"]),
+    "a flag that is not a name": ("perms", lambda: ["read", 3]),
+    "a char that is a surrogate": ("scalars", lambda: (True, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, "\udcff")),
+    "a result's payload too wide": ("nested", lambda: [Ok(7), Ok(300)]),
+    "a handle handed over, then a string": ("things", lambda: [(Thing(), "a"), (Thing(), "\udcff")]),
+}
+
+
+def test_a_value_the_host_cannot_hand_over_traps_the_guest_and_leaks_nothing(caplog):
+    values = ValuesGuest()
+    for label, (name, answer) in HOSTILE.items():
+        values.answers = {name: answer}
+        with pytest.raises(WasmtimeError, match=f"host function {values.interface}#{name} failed"):
+            values.run(name)
+        assert len(values.context) == 0, label  # no resource left in the Store's table
+    assert Thing.dropped == 2  # both handles were taken back and dropped
+    values.answers = {}
+    assert values.run("round-trip") == "ok"
+
+
+@pytest.mark.parametrize("text", ["", "a\x00b", "\U0001f980" * 1000, "é" * 1_000_000])
+def test_any_unicode_string_crosses_the_trampoline(text):
+    values = ValuesGuest()
+    values.answers = {"text": lambda: text}
+    assert values.run("text") == repr(text)

@@ -90,6 +90,20 @@ def test_hup_swaps_the_component_without_failing_a_request(serve, tmp_path):
     assert load.results[-1][1].startswith(b"hello from js")
 
 
+def test_hup_to_a_broken_config_keeps_the_workers_and_says_why(serve, tmp_path):
+    config = tmp_path / "wasisup.conf.py"
+    config.write_text('guest_env = {"X": "ok"}\n')
+    server = serve("hello", "-w", "2", "-c", str(config))
+    master = server.proc.pid
+    before = wait_until(lambda: len(workers(master)) == 2 and workers(master), what="2 workers")
+    config.write_text('guest_env = {"X": "\\udcff"}\n')
+    server.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in server.log(), what="the reload refused")
+    assert "the value of X is not valid UTF-8" in server.log()
+    assert server.request("GET", "/")[0] == 200
+    assert workers(master) == before
+
+
 def test_ttin_and_ttou_change_the_worker_count(serve):
     server = serve("hello", "-w", "2")
     master = server.proc.pid

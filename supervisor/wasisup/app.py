@@ -20,7 +20,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import gunicorn
 import gunicorn.util
@@ -32,9 +32,9 @@ from setproctitle import setproctitle
 from . import __version__, metrics
 from .compile import WASMTIME_VERSION, CompileError, Prepared, component_kind, prepare
 from .settings import REUSED, SECTION, adopt
+from .usage import ENV_ARGS, Parser, UsageError, check_utf8
 
 log = logging.getLogger("wasisup")
-ENV_ARGS = "WASISUP_CMD_ARGS"
 VERSION = f"wasisup {__version__} (wasmtime {WASMTIME_VERSION}, gunicorn {gunicorn.__version__})"
 
 USAGE = """wasisup [OPTIONS] COMPONENT
@@ -64,22 +64,6 @@ def _announce_wasisup(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("gunicorn.error").addFilter(_announce_wasisup)
-
-
-class UsageError(Exception):
-    """Bad configuration: reported as one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with errors raised as UsageError (one line, exit 2) instead of printed."""
-
-    def error(self, message: str) -> NoReturn:
-        hint = ""
-        if message.startswith("unrecognized arguments: "):
-            unknown = message.split()[2]
-            close = difflib.get_close_matches(unknown, self._option_string_actions, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-        raise UsageError(f"{message} ({hint}see {self.prog} --help)")
 
 
 def exposed_settings(cfg: Config) -> list[Any]:
@@ -222,7 +206,14 @@ class WasiApplication(BaseApplication):
         self.prepared = prepare(Path(cfg.component))
 
     def _set(self, name: str, value: Any, source: str) -> None:
-        """Set a value; a bad one is a UsageError naming where it came from (flag or file)."""
+        """Set a value; a bad one is a UsageError naming where it came from (flag or file).
+        Text must be UTF-8 (a file name that is not would break the process titles)."""
+        try:
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str):
+                    check_utf8(text, repr(text))
+        except ValueError as exc:
+            raise UsageError(f"{source}: {exc}: give UTF-8 text (rename a file whose name is not)") from None
         try:
             self.cfg.set(name, value)
         except (ValueError, TypeError) as exc:
@@ -247,14 +238,14 @@ class WasiApplication(BaseApplication):
             self._set(name, value, f"config file {path}: {name}")
 
     def reload(self) -> None:
-        """HUP: re-read the configuration; if it is now broken, keep serving the old one."""
+        """HUP: re-read the configuration; if it is now broken, keep the old one (and say so
+        with ReloadRefused, so the arbiter keeps its workers too)."""
         previous_cfg, previous = self.cfg, self.prepared
         try:
             self.do_load_config()
         except (UsageError, CompileError) as exc:
-            log.error("reload failed, still serving the previous configuration: %s", exc)
             self.cfg, self.prepared = previous_cfg, previous
-            return
+            raise ReloadRefused(str(exc)) from None
         if previous is None or previous.sha256 != self.prepared.sha256:
             log.info("reloaded %s (sha256 %s)", self.component_name, self.prepared.sha256[:12])
 
@@ -274,8 +265,20 @@ class WasiApplication(BaseApplication):
         WasiArbiter(self).run()
 
 
+class ReloadRefused(Exception):
+    """The configuration no longer loads: a HUP changes nothing."""
+
+
 class WasiArbiter(Arbiter):
     """gunicorn's arbiter, with QUIT as a graceful stop (like TERM); INT stays the fast one."""
+
+    def reload(self) -> None:
+        """HUP: gunicorn's reload (new workers, the old ones retired gracefully), unless the
+        configuration no longer loads: then the running workers stay as they are."""
+        try:
+            super().reload()
+        except ReloadRefused as exc:
+            self.log.error("reload failed, still serving the previous configuration: %s", exc)
 
     def handle_quit(self) -> None:
         raise StopIteration

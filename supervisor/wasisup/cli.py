@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import metrics
-from .app import Parser, UsageError, WasiApplication
 from .compile import (ENGINE_SETTINGS, WASMTIME_VERSION, CompileError, compile_component,
                       component_kind)
+from .usage import Parser, UsageError, check_startup
 from .wasi.linker import LinkError
 
 
@@ -78,12 +78,15 @@ COMMANDS = {"compile": compile_main, "check": check_main}
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_startup(argv)
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         try:
             metrics.setup()
         except OSError as exc:
             raise UsageError(f"cannot use the metrics directory (${metrics.ENV}): {exc}") from None
+        from .app import WasiApplication  # (gunicorn, which check_startup had to come before)
+
         try:
             WasiApplication(argv).run()
         finally:

@@ -23,6 +23,7 @@ from gunicorn.config import Setting, validate_list_string, validate_string
 from gunicorn.util import parse_address
 
 from .http.outbound_policy import HostPattern
+from .usage import check_utf8
 
 SECTION = "wasisup"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -94,15 +95,25 @@ def validate_binds(value: object) -> list[str]:
 
 
 def validate_env(value: object) -> list[tuple[str, str]]:
-    """KEY=VALUE strings (or a dict, in a config file) -> the guest's environment."""
+    """KEY=VALUE strings (or a dict, in a config file) -> the guest's environment, which WASI
+    hands over as UTF-8 text (so a byte that is not UTF-8, as the shell may pass, is refused)."""
     if isinstance(value, dict):
-        return [(str(k), str(v)) for k, v in value.items()]
-    pairs = []
-    for item in validate_list_string(value):
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{item!r} is not KEY=VALUE (e.g. UPSTREAM=http://127.0.0.1:9000)")
-        pairs.append((key, val))
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = []
+        for item in validate_list_string(value):
+            key, sep, val = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{item!r} is not KEY=VALUE (e.g. UPSTREAM=http://127.0.0.1:9000)")
+            pairs.append((key, val))
+    for key, val in pairs:
+        if not key or "=" in key:
+            raise ValueError(f"{key!r} is not a variable name: give one without '=' (e.g. UPSTREAM)")
+        try:
+            check_utf8(key, "a variable name")
+            check_utf8(val, f"the value of {key}")
+        except ValueError as exc:
+            raise ValueError(f"{exc}: a guest's environment is UTF-8 text") from None
     return pairs
 
 

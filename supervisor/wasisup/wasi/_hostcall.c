@@ -51,10 +51,31 @@ static void *(*func_call)(const void *func, void *ctx, const void *args, size_t 
                           void *results, size_t nresults);
 static void *(*func_post_return)(const void *func, void *ctx);
 static void (*val_delete)(void *val);
+static void (*val_free)(void *val);
 
 /* Python objects, filled in by setup() */
 static PyObject *Ok, *Err, *Trap, *stores, *on_failure, *on_drop;
 static PyObject *s_get, *s_remove, *s_add, *s_value, *s_resource_id;
+
+/* The pending exception, taken (NULL if none); and put back. */
+#if PY_VERSION_HEX >= 0x030C0000
+static PyObject *take_exception(void) { return PyErr_GetRaisedException(); }
+static void restore_exception(PyObject *exc) { PyErr_SetRaisedException(exc); }
+#else
+static PyObject *take_exception(void) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+static void restore_exception(PyObject *exc) {
+    if (exc == NULL) return;
+    PyErr_Restore(Py_NewRef(Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Types */
@@ -64,6 +85,7 @@ typedef struct Type {
     Py_ssize_t count;      /* children (tuple, record, variant) or names (enum, flags) */
     struct Type **items;   /* list/option: items[0]; result: ok, err; record/variant: per name */
     PyObject **names;      /* str: record fields, variant cases, enum cases */
+    bool owns;             /* holds an own<T> somewhere (whose handle a failed lowering gives back) */
 } Type;
 
 static void type_free(Type *t) {
@@ -103,6 +125,7 @@ static Type *type_from_spec(PyObject *spec) {
             if (t->items[i] == NULL && child != Py_None) goto fail;
         }
         if (t->kind != K_RESULT && t->items[0] == NULL) goto bad;
+        for (Py_ssize_t i = 0; i < children; i++) t->owns |= t->items[i] && t->items[i]->owns;
         return t;
     }
     case K_TUPLE: case K_RECORD: case K_VARIANT: case K_ENUM: case K_FLAGS: {
@@ -137,6 +160,7 @@ static Type *type_from_spec(PyObject *spec) {
                     if (!PyErr_Occurred()) goto bad;
                     goto fail;
                 }
+                t->owns |= t->items[i] && t->items[i]->owns;
             }
         }
         return t;
@@ -144,6 +168,7 @@ static Type *type_from_spec(PyObject *spec) {
     default:
         if (n != 1 || t->kind < K_BOOL || (t->kind > K_STRING && t->kind < K_BYTES)
             || t->kind > K_OWN) goto bad;
+        t->owns = t->kind == K_OWN;
         return t;
     }
 bad:
@@ -245,9 +270,9 @@ static PyObject *lift(const Type *t, const uint8_t *v, void *ctx, PyObject *res)
     }
     case K_TUPLE: {
         const vec_t *tuple = vec_at(p);
+        if (tuple->size != (size_t)t->count) return size_mismatch(t, tuple->size);
         PyObject *out = PyTuple_New(t->count);
         if (out == NULL) return NULL;
-        if (tuple->size != (size_t)t->count) return size_mismatch(t, tuple->size);
         for (Py_ssize_t i = 0; i < t->count; i++) {
             PyObject *item = lift(t->items[i], tuple->data + i * VAL_SIZE, ctx, res);
             if (item == NULL) { Py_DECREF(out); return NULL; }
@@ -257,9 +282,9 @@ static PyObject *lift(const Type *t, const uint8_t *v, void *ctx, PyObject *res)
     }
     case K_RECORD: {
         const vec_t *record = vec_at(p);
+        if (record->size != (size_t)t->count) return size_mismatch(t, record->size);
         PyObject *out = PyDict_New();
         if (out == NULL) return NULL;
-        if (record->size != (size_t)t->count) return size_mismatch(t, record->size);
         for (Py_ssize_t i = 0; i < t->count; i++) {
             const uint8_t *entry = record->data + i * RECORD_ENTRY_SIZE;
             PyObject *item = lift(t->items[i], entry + NAME_SIZE, ctx, res);
@@ -329,10 +354,18 @@ static PyObject *lift(const Type *t, const uint8_t *v, void *ctx, PyObject *res)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Lowering: Python -> value in C memory (nested storage allocated by the C API, freed by wasmtime) */
+/* Lowering: Python -> value in C memory (nested storage allocated by the C API, freed by wasmtime)
+ *
+ * `lower` writes into a slot that holds `false` (a value that owns nothing). wasmtime frees
+ * whatever a slot holds, so a slot never holds a kind without its payload: a value is converted
+ * before its kind is marked, and a container's storage is zeroed (`false` elements, empty names)
+ * as soon as it is allocated. On failure `lower` leaves the slot `false` again, having released
+ * what it made on the way: storage, and the table entries of resources it handed over. */
 
 static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject *res,
                  bool top_level_result);
+
+static void forget(uint8_t *v) { memset(v, 0, VAL_SIZE); }
 
 static int write_name(uint8_t *p, PyObject *name) {
     Py_ssize_t size;
@@ -342,11 +375,79 @@ static int write_name(uint8_t *p, PyObject *name) {
     return 0;
 }
 
+/* The Python side lets go of the resource behind table entry `rep` (as when the guest drops it). */
+static void release_rep(void *ctx, uint32_t rep) {
+    PyObject *done = PyObject_CallFunction(on_drop, "NI", PyLong_FromVoidPtr(ctx), (unsigned int)rep);
+    if (done == NULL) PyErr_WriteUnraisable(on_drop);
+    Py_XDECREF(done);
+}
+
+/* Give back the own<T> handles inside a lowered value (before its storage is freed). */
+static void release_handles(const Type *t, const uint8_t *v, void *ctx) {
+    const uint8_t *p = v + 8;
+    if (t == NULL || !t->owns || (v[0] != t->kind && !(t->kind == K_OWN && v[0] == K_RESOURCE)))
+        return;
+    switch (t->kind) {
+    case K_OWN: {
+        void *host = NULL, *error = any_to_host(ctx, ptr_at(p), &host);
+        if (error) { error_delete(error); return; }
+        uint32_t rep = host_rep(host);
+        host_delete(host);
+        release_rep(ctx, rep);
+        return;
+    }
+    case K_LIST: case K_TUPLE: {
+        const vec_t *items = vec_at(p);
+        for (size_t i = 0; i < items->size; i++)
+            release_handles(t->items[t->kind == K_LIST ? 0 : i], items->data + i * VAL_SIZE, ctx);
+        return;
+    }
+    case K_RECORD: {
+        const vec_t *entries = vec_at(p);
+        for (size_t i = 0; i < entries->size; i++)
+            release_handles(t->items[i], entries->data + i * RECORD_ENTRY_SIZE + NAME_SIZE, ctx);
+        return;
+    }
+    case K_OPTION:
+        if (ptr_at(p)) release_handles(t->items[0], ptr_at(p), ctx);
+        return;
+    case K_RESULT:
+        if (ptr_at(p + 8)) release_handles(t->items[*p ? 0 : 1], ptr_at(p + 8), ctx);
+        return;
+    case K_VARIANT: {
+        const vec_t *name = vec_at(p);
+        for (Py_ssize_t i = 0; i < t->count; i++) {
+            Py_ssize_t size;
+            const char *utf8 = PyUnicode_AsUTF8AndSize(t->names[i], &size);
+            if (utf8 && (size_t)size == name->size && memcmp(utf8, name->data, name->size) == 0) {
+                if (ptr_at(p + NAME_SIZE)) release_handles(t->items[i], ptr_at(p + NAME_SIZE), ctx);
+                return;
+            }
+        }
+        return;
+    }
+    }
+}
+
+/* Take back a value `lower` had (partly) built when a later step failed: its handles go back
+ * to the table, its storage is freed, the slot is `false` again. Keeps the pending exception. */
+static void unlower(const Type *t, uint8_t *v, void *ctx) {
+    PyObject *exc = take_exception();
+    release_handles(t, v, ctx);
+    PyErr_Clear();
+    val_delete(v);
+    forget(v);
+    restore_exception(exc);
+}
+
 /* Lower value into a heap-allocated val (an option/result/variant payload); NULL on error. */
 static void *boxed(const Type *t, PyObject *value, void *ctx, PyObject *res) {
     uint8_t placeholder[VAL_SIZE] = {K_BOOL}; /* `false`: nothing to free when overwritten */
     uint8_t *box = val_new(placeholder);
-    if (lower(t, value, box, ctx, res, false) < 0) return NULL;
+    if (lower(t, value, box, ctx, res, false) < 0) {
+        val_free(box);
+        return NULL;
+    }
     return box;
 }
 
@@ -379,14 +480,15 @@ static int lower_int(PyObject *value, uint8_t *p, int kind) {
 }
 
 static int lower_own(PyObject *value, uint8_t *v, void *ctx, PyObject *res) {
-    PyObject *rep_obj = PyObject_CallMethodOneArg(res, s_add, value);
-    if (rep_obj == NULL) return -1;
-    unsigned long rep = PyLong_AsUnsignedLong(rep_obj);
-    Py_DECREF(rep_obj);
     PyObject *id_obj = PyObject_GetAttr(value, s_resource_id);
     if (id_obj == NULL) return -1;
     unsigned long id = PyLong_AsUnsignedLong(id_obj);
     Py_DECREF(id_obj);
+    if (PyErr_Occurred()) return -1;
+    PyObject *rep_obj = PyObject_CallMethodOneArg(res, s_add, value);
+    if (rep_obj == NULL) return -1;
+    unsigned long rep = PyLong_AsUnsignedLong(rep_obj);
+    Py_DECREF(rep_obj);
     if (PyErr_Occurred()) return -1;
     void *host = host_new(true, (uint32_t)rep, (uint32_t)id);
     void *any = NULL;
@@ -394,11 +496,14 @@ static int lower_own(PyObject *value, uint8_t *v, void *ctx, PyObject *res) {
     host_delete(host);
     if (error) {
         error_delete(error);
+        PyObject *taken = PyObject_CallMethod(res, "remove", "k", rep);
+        Py_XDECREF(taken);
+        PyErr_Clear();
         PyErr_Format(Trap, "cannot hand a %s to the guest", Py_TYPE(value)->tp_name);
         return -1;
     }
-    v[0] = K_RESOURCE;
     *(void **)(v + 8) = any;
+    v[0] = K_RESOURCE;
     return 0;
 }
 
@@ -416,26 +521,43 @@ static Py_ssize_t case_index(const Type *t, PyObject *name) {
     return -1;
 }
 
-static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject *res,
-                 bool top_level_result) {
+/* A list, tuple or record of `n` elements of `size` bytes, allocated and zeroed in the slot. */
+static uint8_t *new_elements(uint8_t *v, int kind, size_t n) {
+    uint8_t *p = v + 8;
+    size_t size = VAL_SIZE;
+    switch (kind) {
+    case K_LIST: vallist_new_uninit(p, n); break;
+    case K_TUPLE: valtuple_new_uninit(p, n); break;
+    case K_RECORD: valrecord_new_uninit(p, n); size = RECORD_ENTRY_SIZE; break;
+    default: valflags_new_uninit(p, n); size = NAME_SIZE; break;
+    }
+    uint8_t *data = ((vec_t *)p)->data;
+    if (n) memset(data, 0, n * size);
+    v[0] = (uint8_t)kind;
+    return data;
+}
+
+static int lower_value(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject *res,
+                       bool top_level_result) {
     uint8_t *p = v + 8;
     switch (t->kind) {
     case K_BOOL: {
         int truth = PyObject_IsTrue(value);
         if (truth < 0) return -1;
-        v[0] = K_BOOL;
         *p = (uint8_t)truth;
+        v[0] = K_BOOL;
         return 0;
     }
     case K_S8: case K_U8: case K_S16: case K_U16: case K_S32: case K_U32: case K_S64: case K_U64:
+        if (lower_int(value, p, t->kind) < 0) return -1;
         v[0] = (uint8_t)t->kind;
-        return lower_int(value, p, t->kind);
+        return 0;
     case K_F32: case K_F64: {
         double x = PyFloat_AsDouble(value);
         if (x == -1.0 && PyErr_Occurred()) return -1;
-        v[0] = (uint8_t)t->kind;
         if (t->kind == K_F32) *(float *)p = (float)x;
         else *(double *)p = x;
+        v[0] = (uint8_t)t->kind;
         return 0;
     }
     case K_CHAR: {
@@ -443,23 +565,28 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
             PyErr_SetString(PyExc_TypeError, "a WIT char is a str of length 1");
             return -1;
         }
+        Py_UCS4 c = PyUnicode_READ_CHAR(value, 0);
+        if (c >= 0xD800 && c <= 0xDFFF) {
+            PyErr_SetString(PyExc_ValueError, "a WIT char is a Unicode scalar value, not a surrogate");
+            return -1;
+        }
+        *(uint32_t *)p = c;
         v[0] = K_CHAR;
-        *(uint32_t *)p = PyUnicode_READ_CHAR(value, 0);
         return 0;
     }
     case K_STRING:
+        if (write_name(p, value) < 0) return -1;
         v[0] = K_STRING;
-        return write_name(p, value);
+        return 0;
     case K_ENUM: {
         Py_ssize_t i = case_index(t, value);
-        if (i < 0) return -1;
+        if (i < 0 || write_name(p, t->names[i]) < 0) return -1;
         v[0] = K_ENUM;
-        return write_name(p, t->names[i]);
+        return 0;
     }
     case K_BYTES: {
         Py_buffer view;
         if (PyObject_GetBuffer(value, &view, PyBUF_SIMPLE) < 0) return -1;
-        v[0] = K_LIST;
         vallist_new_uninit(p, (size_t)view.len);
         uint8_t *data = ((vec_t *)p)->data;
         const uint8_t *in = view.buf;
@@ -468,6 +595,7 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
             data[i * VAL_SIZE + 8] = in[i];
         }
         PyBuffer_Release(&view);
+        v[0] = K_LIST;
         return 0;
     }
     case K_LIST: case K_TUPLE: {
@@ -480,14 +608,13 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
             Py_DECREF(seq);
             return -1;
         }
-        v[0] = (uint8_t)t->kind;
-        (t->kind == K_LIST ? vallist_new_uninit : valtuple_new_uninit)(p, (size_t)n);
-        uint8_t *data = ((vec_t *)p)->data;
+        uint8_t *data = new_elements(v, t->kind, (size_t)n);
         PyObject **items = PySequence_Fast_ITEMS(seq);
         for (Py_ssize_t i = 0; i < n; i++) {
             const Type *item = t->kind == K_LIST ? t->items[0] : t->items[i];
             if (lower(item, items[i], data + i * VAL_SIZE, ctx, res, false) < 0) {
                 Py_DECREF(seq);
+                unlower(t, v, ctx);
                 return -1;
             }
         }
@@ -495,17 +622,17 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
         return 0;
     }
     case K_RECORD: {
-        v[0] = K_RECORD;
-        valrecord_new_uninit(p, (size_t)t->count);
-        uint8_t *data = ((vec_t *)p)->data;
+        uint8_t *data = new_elements(v, K_RECORD, (size_t)t->count);
         for (Py_ssize_t i = 0; i < t->count; i++) {
             uint8_t *entry = data + i * RECORD_ENTRY_SIZE;
-            if (write_name(entry, t->names[i]) < 0) return -1;
             PyObject *field = PyObject_CallMethodOneArg(value, s_get, t->names[i]);
-            if (field == NULL) return -1;
-            int failed = lower(t->items[i], field, entry + NAME_SIZE, ctx, res, false);
-            Py_DECREF(field);
-            if (failed) return -1;
+            int failed = field == NULL || write_name(entry, t->names[i]) < 0
+                || lower(t->items[i], field, entry + NAME_SIZE, ctx, res, false) < 0;
+            Py_XDECREF(field);
+            if (failed) {
+                unlower(t, v, ctx);
+                return -1;
+            }
         }
         return 0;
     }
@@ -513,8 +640,8 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
         void *payload = NULL;
         if (value != Py_None && (payload = boxed(t->items[0], value, ctx, res)) == NULL)
             return -1;
-        v[0] = K_OPTION;
         *(void **)p = payload;
+        v[0] = K_OPTION;
         return 0;
     }
     case K_RESULT: {
@@ -531,9 +658,9 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
         if (payload_type != NULL) box = boxed(payload_type, payload, ctx, res);
         Py_DECREF(payload);
         if (payload_type != NULL && box == NULL) return -1;
-        v[0] = K_RESULT;
         *p = !is_err;
         *(void **)(p + 8) = box;
+        v[0] = K_RESULT;
         return 0;
     }
     case K_VARIANT: {
@@ -547,26 +674,28 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
             payload = PyTuple_GET_ITEM(value, 1);
         }
         Py_ssize_t i = case_index(t, name);
-        if (i < 0) return -1;
-        void *box = NULL;
-        if (t->items[i] != NULL && (box = boxed(t->items[i], payload ? payload : Py_None, ctx,
-                                                res)) == NULL)
-            return -1;
+        if (i < 0 || write_name(p, t->names[i]) < 0) return -1;
+        *(void **)(p + NAME_SIZE) = NULL;
         v[0] = K_VARIANT;
-        if (write_name(p, t->names[i]) < 0) return -1;
-        *(void **)(p + NAME_SIZE) = box;
+        if (t->items[i] != NULL) {
+            void *box = boxed(t->items[i], payload ? payload : Py_None, ctx, res);
+            if (box == NULL) {
+                unlower(t, v, ctx);
+                return -1;
+            }
+            *(void **)(p + NAME_SIZE) = box;
+        }
         return 0;
     }
     case K_FLAGS: {
         PyObject *seq = PySequence_Fast(value, "WIT flags take a set of names");
         if (seq == NULL) return -1;
         Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-        v[0] = K_FLAGS;
-        valflags_new_uninit(p, (size_t)n);
-        uint8_t *data = ((vec_t *)p)->data;
+        uint8_t *data = new_elements(v, K_FLAGS, (size_t)n);
         for (Py_ssize_t i = 0; i < n; i++) {
             if (write_name(data + i * NAME_SIZE, PySequence_Fast_GET_ITEM(seq, i)) < 0) {
                 Py_DECREF(seq);
+                unlower(t, v, ctx);
                 return -1;
             }
         }
@@ -577,6 +706,13 @@ static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject
     }
     PyErr_Format(PyExc_NotImplementedError, "no host support for returning value kind %d",
                  t->kind);
+    return -1;
+}
+
+static int lower(const Type *t, PyObject *value, uint8_t *v, void *ctx, PyObject *res,
+                 bool top_level_result) {
+    if (lower_value(t, value, v, ctx, res, top_level_result) == 0) return 0;
+    forget(v); /* (what was made is released; a scalar may have left its kind) */
     return -1;
 }
 
@@ -663,20 +799,6 @@ static void *trap_error(PyObject *text) {
     PyErr_Clear();
     return error;
 }
-
-#if PY_VERSION_HEX >= 0x030C0000
-static PyObject *take_exception(void) { return PyErr_GetRaisedException(); }
-#else
-static PyObject *take_exception(void) {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-    return value;
-}
-#endif
 
 /* The current exception as a trap: Trap and Err keep their message, anything else is logged. */
 static void *failure(HostFunction *fn) {
@@ -776,7 +898,8 @@ static PyObject *call_handler(PyObject *module, PyObject *args) {
     _Alignas(8) uint8_t params[2 * VAL_SIZE] = {K_BOOL};
     if (lower_own(first, params, context, res) < 0) return NULL;
     if (lower_own(second, params + VAL_SIZE, context, res) < 0) {
-        val_delete(params);
+        static const Type own = {.kind = K_OWN, .owns = true};
+        unlower(&own, params, context);
         return NULL;
     }
     void *error;
@@ -823,6 +946,7 @@ static PyObject *setup(PyObject *module, PyObject *args, PyObject *kwargs) {
         {"wasmtime_component_func_call", (void **)&func_call},
         {"wasmtime_component_func_post_return", (void **)&func_post_return},
         {"wasmtime_component_val_delete", (void **)&val_delete},
+        {"wasmtime_component_val_free", (void **)&val_free},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         if (take_symbol(address, table[i].name, table[i].slot) < 0) return NULL;

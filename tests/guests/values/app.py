@@ -9,6 +9,18 @@ POINTS = [v.Point(1, -2, "a"), v.Point(2**31 - 1, -2**31, "é")]
 SHAPES = [v.Shape_Circle(2.5), v.Shape_Square(v.Point(3, 4, "sq")), v.Shape_Empty()]
 COLORS = [v.Color.BLUE, v.Color.RED]
 NESTED = [Ok(7), Ok(None), Err(v.Color.GREEN)]
+# What each host function answers, for the host's hostile answers (the call traps instead).
+ANSWER = {
+    "text": lambda: v.text("x"),
+    "scalars": lambda: v.scalars(*SCALARS),
+    "points": lambda: v.points(POINTS),
+    "maybe": lambda: v.maybe("x"),
+    "shapes": lambda: v.shapes(SHAPES),
+    "colors": lambda: v.colors(COLORS),
+    "perms": lambda: v.perms(v.Access.READ),
+    "nested": lambda: v.nested(NESTED),
+    "things": lambda: len(v.things(["a", "b"])),
+}
 
 
 class WitWorld(wit_world.WitWorld):
@@ -41,4 +53,6 @@ class WitWorld(wit_world.WitWorld):
             return "no error"
         if case == "broken":
             return str(v.broken())
+        if case in ANSWER:  # the host decides what comes back: the guest passes it on
+            return repr(ANSWER[case]())
         return f"unknown case {case}"
