@@ -260,3 +260,27 @@ def test_term_serves_connections_waiting_in_the_backlog(serve):
         thread.join(30)
     assert outcomes == [b"done\n"] * 4, outcomes
     assert server.proc.wait(30) == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_downloads_reset_mid_stream_leave_nothing_spinning(serve):
+    server = serve("stream", "-w", "1", "--min-data-rate", "0")
+    worker = wait_until(lambda: workers(server.proc.pid), what="a worker")[0]
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"GET /download?size=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = 0
+        while received < 1_000_000:
+            received += len(sock.recv(65536))
+        time.sleep(0.2)  # the server fills what the kernel will queue for a client not reading
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # with linger 0: a reset
+    time.sleep(1)
+    before = cpu_seconds(worker)
+    time.sleep(2)
+    assert cpu_seconds(worker) - before < 0.2, "a worker thread is still busy after the resets"
+    assert timed_get(server.port, "/download?size=10") < 3

@@ -252,6 +252,8 @@ class Connection:
         and a slow reader is found out only once it stops."""
         if self._tcp and self.sent - self._unsent_checked >= UNSENT_LIMIT:
             if _send_queue(self.fd, SIOCOUTQNSD) >= UNSENT_LIMIT:
+                if _hung_up(self.fd):  # (after a reset the count stays what it was)
+                    raise ConnectionResetError("the client reset the connection")
                 return False
             self._unsent_checked = self.sent
         return True
@@ -347,6 +349,13 @@ def _send_queue(fd: int, request: int) -> int:
         return struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
     except OSError:
         return 0
+
+
+def _hung_up(fd: int) -> bool:
+    """Has the connection failed or been closed by the peer (nothing sent will arrive)?"""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 class ResponseFraming:
