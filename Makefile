@@ -33,4 +33,3 @@ test-deploy: setup
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/proxy.py
-	$(BIN)/python bench/turns.py

@@ -20,12 +20,16 @@ from typing import Iterator
 from harness import SetupError, free_port, server
 
 STATUS_PATH = "/nginx-status"
+SLOW_PATH = "/slow"  # with a delay: answers after it (the echo module's echo_sleep)
+ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"  # Debian's libnginx-mod-http-echo
 CONFIG = """\
+{modules}
 daemon off;
 master_process off;
 pid {prefix}/nginx.pid;
 error_log stderr warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     client_body_temp_path {prefix}/body;
@@ -41,6 +45,7 @@ http {{
         listen 127.0.0.1:{port};
         root {prefix}/www;
         location = {status} {{ stub_status; }}
+{locations}
     }}
 }}
 """
@@ -75,9 +80,18 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(files: dict[str, int]) -> Iterator[Nginx]:
-    """nginx serving ``files`` (name -> size in bytes) until the block ends."""
+def nginx(files: dict[str, int], delay: float = 0.0) -> Iterator[Nginx]:
+    """nginx serving ``files`` (name -> size in bytes) until the block ends; with a ``delay``
+    (seconds), also ``SLOW_PATH``, answered after it (the wait costs nginx no worker: one
+    answers thousands of such requests a second)."""
     executable = _nginx()
+    modules = locations = ""
+    if delay:
+        if not os.path.exists(ECHO_MODULE):
+            raise SetupError("nginx's echo module is missing (apt-get install libnginx-mod-http-echo)")
+        modules = f"load_module {ECHO_MODULE};"
+        locations = f'        location = {SLOW_PATH} {{ echo_sleep {delay:g}; echo "slow upstream"; }}'
+
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="wasisup-bench-nginx-") as tmp:
         prefix = Path(tmp)
@@ -85,7 +99,8 @@ def nginx(files: dict[str, int]) -> Iterator[Nginx]:
         for name, size in files.items():
             (prefix / "www" / name).write_bytes(os.urandom(size))
         config = prefix / "nginx.conf"
-        config.write_text(CONFIG.format(prefix=prefix, port=port, status=STATUS_PATH))
+        config.write_text(CONFIG.format(prefix=prefix, port=port, status=STATUS_PATH,
+                                        modules=modules, locations=locations))
         with server([executable, "-p", str(prefix), "-c", str(config),
                      "-e", "stderr"], port):
             yield Nginx(port)

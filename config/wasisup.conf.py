@@ -10,7 +10,8 @@ guest_env = {"UPSTREAM": "http://127.0.0.1:9000"}   # the guest's environment (-
 # -- where and how much
 bind = ["127.0.0.1:8080"]           # HOST:PORT or unix:PATH, several allowed (-b)
 # workers = 1                       # processes (-w); default $WEB_CONCURRENCY or 1
-# threads = 4                       # request threads per worker
+# threads = 1                       # event loops per worker (threads running guests in parallel)
+# max_concurrent_requests = 1000    # requests a worker holds in flight; more wait their turn
 # backlog = 2048                    # pending connections per listening socket
 # keepalive = 2                     # seconds an idle keep-alive connection is kept
 # worker_connections = 1000         # open client connections per worker; more wait in the backlog
@@ -27,7 +28,6 @@ bind = ["127.0.0.1:8080"]           # HOST:PORT or unix:PATH, several allowed (-
 # -- limits
 # request_timeout = 0               # the guest's deadline per request, seconds -> 504
 # compute_timeout = 0               # wasm running this long without waiting for I/O -> 504 (0: timeout)
-# wasm_parallelism = 0              # guests of a worker running wasm at once, others in turn (0: all)
 # max_memory = 0                    # a guest instance's linear memory cap, e.g. "256M" -> 500
 # limit_request_line = 4094         # bytes -> 414
 # limit_request_fields = 100        # header count -> 431

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -190,6 +191,12 @@ class BackgroundClients:
             thread.join(60)
 
 
+def metrics_text(port: int) -> str:
+    """What a master's /metrics on ``port`` says now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def run_cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """``wasisup ARGS`` to completion, its output captured (for commands that exit); ``env``
     adds to the environment."""
@@ -234,9 +241,33 @@ def wasmtime_serve_argv(component: Path, *args: str) -> Callable[[int], list[str
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
-    """Echoes requests as JSON; /bytes?size=N sends N bytes; /slow?seconds=S waits first."""
+    """Echoes requests as JSON; /bytes?size=N sends N bytes; /slow?seconds=S waits first
+    (with ``&group=G``, /peak?group=G then says how many such requests it held at once);
+    /gate?n=N&group=G answers once N requests of the group wait at once (409 if they never
+    do within 30 s)."""
 
     protocol_version = "HTTP/1.1"
+    _lock = threading.Lock()
+    _gates: dict[str, threading.Barrier] = {}
+    _held: dict[str, int] = {}
+    _peaks: dict[str, int] = {}
+
+    def _hold(self, group: str, seconds: float) -> None:
+        with self._lock:
+            self._held[group] = self._held.get(group, 0) + 1
+            self._peaks[group] = max(self._peaks.get(group, 0), self._held[group])
+        time.sleep(seconds)
+        with self._lock:
+            self._held[group] -= 1
+
+    def _gate(self, params: dict) -> bool:
+        with self._lock:
+            gate = self._gates.setdefault(params["group"], threading.Barrier(int(params["n"])))
+        try:
+            gate.wait(30)
+            return True
+        except threading.BrokenBarrierError:
+            return False
 
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)
@@ -244,8 +275,13 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
         if path == "/slow":
-            time.sleep(float(params.get("seconds", "1")))
-        if path == "/bytes":
+            self._hold(params.get("group", ""), float(params.get("seconds", "1")))
+        if path == "/gate" and not self._gate(params):
+            params["status"] = "409"
+        if path == "/peak":
+            payload = str(self._peaks.get(params["group"], 0)).encode()
+            content_type = "text/plain"
+        elif path == "/bytes":
             payload = bytes(range(256)) * (int(params["size"]) // 256 + 1)
             payload = payload[:int(params["size"])]
             content_type = "application/octet-stream"

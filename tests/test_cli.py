@@ -81,7 +81,7 @@ def test_help_is_wasisups_own():
     text = " ".join(result.stdout.split())
     for gunicorns in ("``", ":ref:", "Gunicorn", "gunicorn.conf.py", "[None]", "[[]]"):
         assert gunicorns not in text
-    assert "--threads INT request threads per worker (default: 4)" in text
+    assert "--threads INT event loops per worker" in text and "(default: 1)" in text
     assert "wasisup compile IN.wasm -o OUT.cwasm" in text and "wasisup check FILE.cwasm" in text
     cfg = Config()
     adopt(cfg.settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import shutil
 from typing import Callable
 
@@ -11,6 +10,7 @@ from wasmtime import Engine, Store, WasmtimeError
 from wasmtime.component import Component, ComponentInstanceType, FuncType, Linker
 
 from conftest import guest
+from wasisup import capi
 from wasisup.compile import engine_config, prepare
 from wasisup.runtime import Runtime
 from wasisup.wasi import abi
@@ -53,9 +53,10 @@ def test_guest_instances_are_reused_only_up_to_the_limit():
     runtime = Runtime(prepare(guest("hello")).cwasm, [], None, max_instance_reuse=3)
     seen = []
     for _ in range(7):
-        with runtime.guest() as instance:
-            instance.uses += 1  # as handle() would
-            seen.append(instance)
+        instance = runtime.acquire()
+        instance.uses += 1  # as start() would
+        seen.append(instance)
+        runtime.release(instance)
     assert len({id(instance) for instance in seen}) == 3  # 3 + 3 + 1
     runtime.close()
 
@@ -93,6 +94,7 @@ class ValuesGuest:
         functions["scalars"] = self._record("scalars", lambda *scalars: scalars)
         functions["checked"] = self._record("checked", checked)
         functions["broken"] = self._record("broken", lambda: 256)  # does not fit its u8
+        functions["pause"] = pause
         self.linker = Linker(self.engine)
         types = self.component.type.imports(self.engine)[self.interface].ty.exports(self.engine)
         with self.linker.root() as root, root.add_instance(self.interface) as instance:
@@ -117,12 +119,30 @@ class ValuesGuest:
         store = Store(self.engine)
         store.set_epoch_deadline(1 << 62)
         self.context = WasiContext([], None)
-        ctx = ctypes.cast(store._context(), ctypes.c_void_p).value
+        ctx = capi.context_address(store)
         abi.STORES[ctx] = self.context
         try:
-            return self.linker.instantiate(store, self.component).get_func(store, "run")(store, case)
+            instance = capi.instantiate(self.linker, store, self.component, lambda: None)
+            return capi.call(instance.get_func(store, "run"), store, case, on_pending=self._pending)
         finally:
             del abi.STORES[ctx]
+
+    def _pending(self) -> None:
+        """The guest waits in ``pause``: poll again, unless the host function failed there."""
+        if self.context.failed:
+            raise WasmtimeError(self.context.failed)
+
+
+def pause(store, times: int):
+    """A host function that waits: it suspends the guest ``times`` times, then returns (99:
+    raises a bug, 98: the result's error case, 97: a value that does not fit)."""
+    for _ in range(times):
+        yield
+    if times == 99:
+        raise RuntimeError("a bug in a host function that waited")
+    if times == 98:
+        raise Err("no")
+    return 2**40 if times == 97 else times
 
 
 def test_every_kind_of_value_crosses_the_trampoline_both_ways(caplog):
@@ -186,3 +206,15 @@ def test_any_unicode_string_crosses_the_trampoline(text):
     values = ValuesGuest()
     values.answers = {"text": lambda: text}
     assert values.run("text") == repr(text)
+
+
+def test_a_host_function_that_waits_suspends_the_guest_and_fails_cleanly(caplog):
+    values = ValuesGuest()
+    assert values.run("pause 0") == "ok 0"  # returned without waiting
+    assert values.run("pause 3") == "ok 3"  # resumed three times
+    assert values.run("pause 98") == "err no"  # the error case, raised after waiting
+    for times in (99, 97):  # a bug, or a result that cannot be handed over: a trap, no abort
+        with pytest.raises(WasmtimeError, match=f"host function {values.interface}#pause failed"):
+            values.run(f"pause {times}")
+    assert "a bug in a host function that waited" in caplog.text
+    assert values.run("round-trip") == "ok"

@@ -9,17 +9,12 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import BackgroundClients, free_port, guest, run_cli, title, wait_until, workers
-
-
-def metrics_text(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
+from conftest import (BackgroundClients, free_port, guest, metrics_text, run_cli, title,
+                      wait_until, workers)
 
 
 class Load(BackgroundClients):
@@ -411,30 +406,6 @@ def test_a_guest_loop_is_interrupted_after_the_worker_timeout(serve):
         thread.join(30)
     assert [o[0] for o in outcomes] == [504] * 4, outcomes
     assert "computed for 3 s without waiting for I/O" in server.log()
-
-
-def test_a_computing_guest_takes_turns_with_the_others(serve):
-    # One guest of the worker runs wasm at a time: a guest in a loop passes its turn on.
-    server = serve("hog", "-w", "1", "--threads", "2", "--wasm-parallelism", "1",
-                   "--compute-timeout", "8")
-    spinner = threading.Thread(target=_quietly, args=(server.request, "GET", "/spin"), daemon=True)
-    spinner.start()
-    time.sleep(0.5)
-    started = time.monotonic()
-    assert server.request("GET", "/", timeout=30)[0] == 200
-    assert time.monotonic() - started < 4, "the spinning guest kept the worker's turn"
-
-
-def test_a_guest_waiting_on_io_gives_up_its_turn(serve, upstream):
-    server = serve("proxy", "-w", "1", "--threads", "2", "--wasm-parallelism", "1",
-                   "--env", f"UPSTREAM={upstream}")
-    slow = threading.Thread(target=server.request, args=("GET", "/slow?seconds=4"), daemon=True)
-    slow.start()
-    time.sleep(0.5)
-    started = time.monotonic()
-    assert server.request("GET", "/healthz", timeout=30)[0] == 200
-    assert time.monotonic() - started < 2, "the waiting guest kept the worker's turn"
-    slow.join(30)
 
 
 def test_a_guest_waiting_on_io_is_not_a_guest_loop(serve, upstream):

@@ -166,7 +166,9 @@ REUSED: dict[str, Reuse] = {
                   "$PORT makes the default 0.0.0.0:$PORT", validator=validate_binds),
     "workers": Reuse("worker processes; $WEB_CONCURRENCY sets the default",
                      validator=validate_positive),
-    "threads": Reuse("request threads per worker", default=4, validator=validate_positive),
+    "threads": Reuse("event loops per worker, each a thread running guests (wasm of different "
+                     "loops runs in parallel); a waiting request holds none", default=1,
+                     validator=validate_positive),
     "timeout": Reuse("a worker silent this long is killed and replaced; 0: never",
                      validator=validate_count, meta="SECONDS"),
     "graceful_timeout": Reuse("time in-flight requests get to finish on TERM, QUIT or HUP",
@@ -357,21 +359,20 @@ class DataRateGrace(Setting):
         """
 
 
-class WasmParallelism(Setting):
-    name = "wasm_parallelism"
+class MaxConcurrentRequests(Setting):
+    name = "max_concurrent_requests"
     section = SECTION
-    cli = ["--wasm-parallelism"]
+    cli = ["--max-concurrent-requests"]
     meta = "INT"
-    validator = validate_count
-    default = 0
+    validator = validate_positive
+    default = 1000
     desc = """\
-        guests of one worker running wasm at once, the others waiting their turn; 0: all
+        requests a worker holds in flight at once; more wait their turn, in order
 
-        A guest gives up its turn whenever it waits for I/O, and every 50 ms while it computes.
-        Guests running side by side hand the GIL to each other at every host call, which costs
-        when a worker's threads have cores to run on at the same moment: 1 saved a single
-        worker on 2 cores ~20% CPU a small request, while with a worker per core turns cost
-        4-10% more (bench/turns.py).
+        A request in flight has a guest instance (its memory: ~3 MB for the reference guest)
+        and a suspended call; one waiting its turn has only its connection. The instance pool
+        is sized for this many, so a full pool never fails a request (wasmtime serve's
+        --max-concurrent-requests, per worker here).
         """
 
 

@@ -1,8 +1,8 @@
 """The gunicorn worker class: loads the .cwasm (never compiles), serves HTTP until told to stop.
 
 Signals (from the master): TERM -> stop accepting, finish in-flight requests, close idle
-keep-alive connections, exit; QUIT/INT -> exit now. The heartbeat comes from the accept loop,
-so it keeps beating while requests run in the thread pool.
+keep-alive connections, exit; QUIT/INT -> exit now. The heartbeat comes from the first event
+loop (the main thread's), which a computing guest gives back every epoch tick.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from .http.outbound_policy import OutboundPolicy
 from .http.request_head import Limits
 from .http.server import Server
 from .compile import CompileError
-from .runtime import Runtime
+from .runtime import IDLE_PER_LOOP, Runtime
 from .wasi.linker import LinkError
 
 
 PR_SET_PDEATHSIG = 1
-# How long past --compute-timeout a guest may run before its thread counts as stuck (the
-# epoch interrupt should have stopped it): then the heartbeat stops.
+# How long past --compute-timeout a guest may run without yielding before its loop counts as
+# stuck (the epoch interrupt should have stopped it): then the heartbeat stops.
 STUCK_GRACE = 5.0
 
 
@@ -67,8 +67,8 @@ class WasmWorker(Worker):
             runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
                               max_instance_reuse=cfg.max_instance_reuse,
                               request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,
-                              compute_timeout=self.compute_timeout, threads=cfg.threads,
-                              wasm_parallelism=cfg.wasm_parallelism,
+                              compute_timeout=self.compute_timeout,
+                              instances=cfg.max_concurrent_requests + cfg.threads * (IDLE_PER_LOOP + 1),
                               metrics=stats)
         except (CompileError, LinkError) as exc:
             # The master checked the component; if it still fails here, respawning won't help.
@@ -83,9 +83,12 @@ class WasmWorker(Worker):
                                on_request=self._count_request)
         self.server = Server([s.sock for s in self.sockets], handler, threads=cfg.threads,
                              limits=limits, worker_connections=cfg.worker_connections,
+                             max_in_flight=cfg.max_concurrent_requests,
                              on_tick=self._tick, on_idle=runtime.prepare)
         self.runtime, self.outbound = runtime, outbound
-        self.log.info("Worker ready: %s, %d threads", self.app.component_name, cfg.threads)
+        self.log.info("Worker ready: %s, %d event loop%s, up to %d requests at once",
+                      self.app.component_name, cfg.threads, "s"[:cfg.threads > 1],
+                      cfg.max_concurrent_requests)
         # What exists now lives as long as the worker: keep the cyclic GC from scanning it
         # again and again (with wasmtime's and the host's tables, that was a quarter of the
         # CPU a small request took).
@@ -99,7 +102,7 @@ class WasmWorker(Worker):
         if stuck < self.compute_timeout + STUCK_GRACE:
             self.notify()
         elif stuck < self.compute_timeout + STUCK_GRACE + 1:
-            self.log.error("a request thread has run wasm for %.0f s without being interrupted; "
+            self.log.error("a guest has run wasm for %.0f s without being interrupted; "
                            "no more heartbeats, so the master replaces this worker", stuck)
         self.outbound.pool.sweep()
         if self.ppid != os.getppid():

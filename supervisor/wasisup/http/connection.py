@@ -101,7 +101,6 @@ class Connection:
         self.must_close = False  # the next response announces `Connection: close`
         self.broken = False  # close after this response: its framing can't be trusted
         self.requests = 0  # answered on this connection
-        self.request: Optional[RequestHead] = None  # the head a request thread is to serve
         self.request_head: Optional[RequestHead] = None  # the request being answered
         now = time.monotonic()
         self.head_started: Optional[float] = now  # a new connection's head is due from accept
@@ -283,12 +282,6 @@ class Connection:
             if sent:
                 del self.out[:sent]
         return not self.out
-
-    def readable_within(self, seconds: float) -> bool:
-        """Does the client send something within ``seconds``?"""
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        return bool(poller.poll(seconds * 1000))
 
     @property
     def partial_head(self) -> bool:

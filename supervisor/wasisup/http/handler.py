@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import h11
 
-from ..runtime import GuestTrap, Runtime
+from ..runtime import Guest, GuestTrap, Runtime
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
@@ -284,7 +284,7 @@ def _describe(error_code: Any) -> str:
 
 
 class GuestHandler:
-    """Runs each request through the component's incoming-handler."""
+    """What every request's guest call shares: the runtime, limits, metrics, the access log."""
 
     def __init__(self, runtime: Runtime, body_limit: int = 0, metrics: Any = None,
                  on_request: Optional[Callable[[], None]] = None) -> None:
@@ -296,90 +296,150 @@ class GuestHandler:
         self._prefix = f"{os.getpid():x}"
         # gunicorn gives the access logger handlers only for --access-logfile; without one a
         # log record per request would be built just to be dropped.
-        self._log_access = access_log.hasHandlers()
+        self.log_access = access_log.hasHandlers()
 
-    def __call__(self, conn: Connection, request: RequestHead) -> None:
-        request_id = f"{self._prefix}-{next(self._ids)}"
-        started = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.in_flight.inc()
-        writer = ResponseWriter(conn)
-        try:
-            self._run_guest(conn, request, writer, request_id)
-        finally:
-            writer.flush()
-            elapsed = time.monotonic() - started
-            if self.metrics is not None:
-                self.metrics.in_flight.dec()
-                self.metrics.requests.labels(str(writer.status or 0)).inc()
-                self.metrics.duration.observe(elapsed)
-            if self._log_access:
-                access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(conn),
-                                request.method.decode(), request.target.decode(errors="replace"),
-                                request.http_version.decode(), writer.status or "-",
-                                elapsed * 1000, request_id)
-            if self.on_request is not None:
-                self.on_request()
+    def next_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
 
-    def _run_guest(self, conn: Connection, request: RequestHead, writer: "ResponseWriter",
-                   request_id: str) -> None:
-        body = ClientBody(conn, self.body_limit)
+
+class GuestCall:
+    """One request in flight: the guest's incoming-handler run for it, from ``start`` through
+    ``step``s (each runs the guest until it waits or returns) to the end of its response.
+
+    Whoever drives it (the worker's loop) watches ``waits()`` while the guest waits, and calls
+    ``cancel`` if the client goes away meanwhile.
+    """
+
+    def __init__(self, handler: GuestHandler, conn: Connection, request: RequestHead) -> None:
+        self.handler = handler
+        self.conn = conn
+        self.request = request
+        self.request_id = handler.next_id()
+        self.started = time.monotonic()
+        self.writer = ResponseWriter(conn)
+        self.body = ClientBody(conn, handler.body_limit)
+        self.guest: Optional[Guest] = None
+        if handler.metrics is not None:
+            handler.metrics.in_flight.inc()
+
+    def start(self) -> bool:
+        """Begin the guest's handler: True if it is under way (``step`` runs it), False if it
+        is already over (no instance could be made)."""
         try:
-            with self.runtime.guest() as guest:
-                incoming = IncomingRequest(
-                    method=request.method.decode("ascii"),
-                    path_with_query=request.path_with_query,
-                    scheme="http",
-                    authority=request.authority,
-                    headers=Fields.from_pairs(request.fields),
-                    body=body,
-                    waiter=guest.context.waiter)
-                hooks = guest.context.waiter.before_sleep
-                hooks.append(writer.flush)
-                try:
-                    guest.handle(incoming, ResponseOutparam(writer.deliver), request_id)
-                finally:
-                    hooks.clear()
-        except GuestTrap as trap:
-            if self._client_at_fault(body, writer):
-                return
-            self._count_trap(trap.kind)
-            if trap.kind == "timeout":
-                log.warning("[%s] guest passed its deadline: %s", request_id, trap)
-                writer.send_error(504, "the guest did not finish within the request timeout")
-            else:
-                log.warning("[%s] guest trapped: %s", request_id, trap)
-                writer.send_guest_failure()
+            self.guest = guest = self.handler.runtime.acquire()
+            request = self.request
+            incoming = IncomingRequest(
+                method=request.method.decode("ascii"),
+                path_with_query=request.path_with_query,
+                scheme="http",
+                authority=request.authority,
+                headers=Fields.from_pairs(request.fields),
+                body=self.body,
+                waiter=guest.context.waiter)
+            guest.context.waiter.before_sleep.append(self.writer.flush)
+            guest.start(incoming, ResponseOutparam(self.writer.deliver), self.request_id)
+        except Exception as exc:
+            self._failed(exc)
+            self._end()
+            return False
+        return True
+
+    def step(self) -> bool:
+        """Run the guest until it waits (False) or is done (True: the response is complete
+        or cut, the request counted)."""
+        try:
+            if not self.guest.poll():
+                return False
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self._returned()
+        self._end()
+        return True
+
+    def waits(self) -> tuple[list[Interest], Optional[int]]:
+        """What the guest waits for: the sockets, and a deadline (monotonic ns) or None."""
+        waiter = self.guest.context.waiter
+        return waiter.interests or [], waiter.wake_at
+
+    @property
+    def reads_body(self) -> bool:
+        """Is the guest waiting for the client's body (so the client's end of it is news
+        for the guest, not a sign it left)?"""
+        return any(fd == self.conn.fd and events & READABLE for fd, events in self.waits()[0])
+
+    def cancel(self) -> None:
+        """The client went away: drop the guest's call wherever it waits; nothing more is sent."""
+        self.guest.cancel()
+        log.info("[%s] %s went away: the guest's call was dropped", self.request_id,
+                 _peer(self.conn))
+        self.writer.client_gone = True
+        self.writer.abort()
+        self._end()
+
+    def _failed(self, exc: Exception) -> None:
+        if self._client_at_fault():
             return
-        except Exception:
-            log.exception("[%s] request failed", request_id)
-            writer.send_error(500, "internal server error")
+        if not isinstance(exc, GuestTrap):
+            log.error("[%s] request failed", self.request_id, exc_info=exc)
+            self.writer.send_error(500, "internal server error")
             return
-        if self._client_at_fault(body, writer):
+        self._count_trap(exc.kind)
+        if exc.kind == "timeout":
+            log.warning("[%s] guest passed its deadline: %s", self.request_id, exc)
+            self.writer.send_error(504, f"{exc}")
+        else:
+            log.warning("[%s] guest %s: %s", self.request_id,
+                        "could not start" if exc.kind == "instantiation" else "trapped", exc)
+            self.writer.send_guest_failure()
+
+    def _returned(self) -> None:
+        if self._client_at_fault():
             return
+        writer = self.writer
         if writer.state == "pending":
             self._count_trap("no-response")
-            log.warning("[%s] the guest returned without setting a response", request_id)
+            log.warning("[%s] the guest returned without setting a response", self.request_id)
             writer.send_guest_failure()
         elif writer.state == "streaming":
-            log.warning("[%s] guest returned before finishing the response body", request_id)
+            log.warning("[%s] guest returned before finishing the response body", self.request_id)
             writer.abort()
 
-    @staticmethod
-    def _client_at_fault(body: ClientBody, writer: "ResponseWriter") -> bool:
+    def _client_at_fault(self) -> bool:
         """A body the client got wrong (or sent too slowly) is answered 400/408/413, whatever
         the guest made of it; a client that stopped reading the response gets nothing more.
         Either way the guest's failure is not the guest's."""
-        if writer.client_gone:
+        if self.writer.client_gone:
             return True
-        if body.fault is None:
+        if self.body.fault is None:
             return False
-        writer.send_error(*body.fault)
+        self.writer.send_error(*self.body.fault)
         return True
 
     def _count_trap(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.traps.labels(kind).inc()
+        if self.handler.metrics is not None:
+            self.handler.metrics.traps.labels(kind).inc()
+
+    def _end(self) -> None:
+        handler, writer = self.handler, self.writer
+        if self.guest is not None:
+            self.guest.context.waiter.before_sleep.clear()
+            handler.runtime.release(self.guest)
+            self.guest = None
+        writer.flush()
+        elapsed = time.monotonic() - self.started
+        if handler.metrics is not None:
+            handler.metrics.in_flight.dec()
+            handler.metrics.requests.labels(str(writer.status or 0)).inc()
+            handler.metrics.duration.observe(elapsed)
+        if handler.log_access:
+            request = self.request
+            access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(self.conn),
+                            request.method.decode(), request.target.decode(errors="replace"),
+                            request.http_version.decode(), writer.status or "-",
+                            elapsed * 1000, self.request_id)
+        if handler.on_request is not None:
+            handler.on_request()
 
 
 def _peer(conn: Connection) -> str:

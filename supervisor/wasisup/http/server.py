@@ -1,196 +1,215 @@
-"""The worker's HTTP/1.1 server: one event loop owns every socket that is not being served,
-a fixed set of request threads run the guest.
+"""The worker's HTTP/1.1 server: event loops that own the connections and drive the guests.
 
-The loop (the worker's main thread) accepts connections — only while a request thread is free
-and the worker is under ``worker_connections``, so the rest wait in the shared backlog for a
-worker that can serve them — reads request heads into h11 until one is complete (within the
-header timeout), holds kept-alive connections between requests, finishes responses the client
-was slow to take, and closes politely. A request thread gets a connection with a complete head,
-runs the guest (which does its own I/O, see ``wasisup.wasi.io``), then hands the connection
-back by re-arming it in epoll, or serves the next request itself if the client already sent it.
+A worker runs ``threads`` loops (the main thread's and one thread each for the others); each
+owns the connections it accepted. A loop accepts from the shared listening sockets, reads
+request heads into h11 (each within the header timeout), starts the guest call of each complete
+request, and runs guest calls until they return or wait: a waiting guest costs no thread, the
+loop watches the sockets and deadline it waits for and runs it again when one is ready. Then it
+finishes what the client was slow to take, keeps the connection for its next request, or
+closes politely. Wasm runs with the GIL released, so a worker's loops run guests in parallel.
 
-A graceful stop accepts what is already in the backlog, then closes the listeners; requests
-already on a connection or arriving on it are answered with ``Connection: close``; idle
-connections are closed after the keep-alive timeout; all of it bounded by the graceful timeout.
+Admission: a worker holds at most ``max_in_flight`` guest calls (each loop its share); a
+complete request beyond that waits its turn, in order, with its connection (never a 500 for a
+full pool). A loop accepts while it has no guest ready to run (so an idle worker takes new
+connections first) and room under its shares; one that stays busy takes one more connection
+now and then, so none waits for a moment of idleness that may not come.
+
+A graceful stop accepts what is already in the backlog, then stops listening; requests already
+on a connection or arriving on it are answered with ``Connection: close``; idle connections are
+closed after the keep-alive timeout; all of it bounded by the graceful timeout.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
-import os
-import queue
-import select
 import socket
 import threading
 import time
+from collections import deque
 from typing import Callable, Optional
 
+from ..loop import CLOSED, IN, OUT, Loop, Timer
+from ..wasi.io import READABLE, WRITABLE
 from .connection import ClientGone, Connection
+from .handler import GuestCall, GuestHandler
 from .request_head import BadRequest, Limits, RequestHead
 
 log = logging.getLogger("wasisup.server")
 
-IN, OUT = select.EPOLLIN, select.EPOLLOUT
-ONESHOT = select.EPOLLONESHOT
 SWEEP_INTERVAL = 0.25  # how often deadlines are checked (head, keep-alive, slow clients)
-OVERFLOW_ACCEPT_INTERVAL = 0.2  # see Server._overflow_turn
-# How long a request thread with nothing else to do waits for the same client's next request
-# before handing the connection back to the loop: a busy keep-alive client is then served
-# without a trip through the loop and another thread.
-NEXT_REQUEST_WAIT = 0.001
+OVERFLOW_ACCEPT_INTERVAL = 0.2  # see ServerLoop._overflow_turn
 CLOSE_DRAIN_TIME = 2.0  # reading and dropping what a client still sends after we close
 TICK_INTERVAL = 1.0
-
-Handler = Callable[[Connection, RequestHead], None]
+MAX_WAIT = 1.0  # the longest a loop sleeps without looking at its stop flag
 
 
 class Server:
     """Serves HTTP/1.1 on already-bound listening sockets until ``stop``."""
 
-    def __init__(self, listeners: list[socket.socket], handler: Handler, threads: int = 4,
+    def __init__(self, listeners: list[socket.socket], handler: GuestHandler, threads: int = 1,
                  limits: Limits = Limits(), worker_connections: int = 1000,
-                 on_tick: Optional[Callable[[], None]] = None,
+                 max_in_flight: int = 1000, on_tick: Optional[Callable[[], None]] = None,
                  on_idle: Optional[Callable[[], None]] = None) -> None:
-        self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.listeners = listeners
         self.handler = handler
-        self.threads = threads
         self.limits = limits
-        self.worker_connections = worker_connections
-        self.on_tick = on_tick  # the loop calls it every second (the worker's heartbeat)
-        self.on_idle = on_idle  # a request thread calls it before it waits for work
-        self.connections: dict[int, Connection] = {}
-        self._epoll = select.epoll()
-        self._jobs: queue.SimpleQueue[Optional[Connection]] = queue.SimpleQueue()
-        self._busy = 0  # connections queued for or held by a request thread
-        self._busy_lock = threading.Lock()
-        self._accepting = False
-        self._saturated_since = math.inf  # every request thread busy since (inf: not so)
-        self._last_overflow = 0.0  # when a connection was last taken while saturated
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
-        self._drain_deadline = 0.0
+        self.on_tick = on_tick  # the first loop calls it every second (the worker's heartbeat)
+        self.on_idle = on_idle  # a loop calls it when a request is done and it has nothing to do
+        self.stopping = False
+        self.drain_deadline = math.inf
+        self._listening = threads  # loops still listening (the last one closes the sockets)
+        self._lock = threading.Lock()
+        self.loops = [ServerLoop(self, math.ceil(worker_connections / threads),
+                                 math.ceil(max_in_flight / threads)) for _ in range(threads)]
 
     def stop(self) -> None:
         """Stop accepting; answer what is on open connections; then return from ``serve``
         (safe from a signal handler or another thread)."""
-        self._stopping = True
-        self._wake()
+        self.stopping = True
+        for loop in self.loops:
+            loop.loop.wake()
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-    # -- the loop
     def serve(self, graceful_timeout: float = 30.0) -> None:
-        for sock in self.listeners.values():
+        self.graceful_timeout = graceful_timeout
+        for sock in self.listeners:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 # The kernel holds a connection until its first bytes arrive: a client that
                 # connects and says nothing costs no slot, and one that does is accepted with
-                # its head, so a worker knows at once that a thread is taken.
+                # its head.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
                                 max(1, int(self.limits.header_timeout)))
-        self._epoll.register(self._wake_r, IN)
-        self._set_accepting(True)
-        workers = [threading.Thread(target=self._work, name=f"wasisup-req-{i}", daemon=True)
-                   for i in range(self.threads)]
-        for thread in workers:
+        others = [threading.Thread(target=loop.run, name=f"wasisup-loop-{i}", daemon=True)
+                  for i, loop in enumerate(self.loops[1:], 1)]
+        for thread in others:
             thread.start()
-        next_sweep = next_tick = time.monotonic()
-        draining = False
+        self.loops[0].run(self.on_tick)
+        for thread in others:
+            thread.join()
+
+    def start_drain(self) -> None:
+        """The first loop to see the stop sets the deadline every loop drains by."""
+        with self._lock:
+            if self.drain_deadline == math.inf:
+                self.drain_deadline = time.monotonic() + self.graceful_timeout
+
+    def stopped_listening(self) -> bool:
+        """A loop no longer watches the listeners: True for the last one (it closes them)."""
+        with self._lock:
+            self._listening -= 1
+            return self._listening == 0
+
+
+class ServerLoop:
+    """One loop's connections, guest calls and admission queue."""
+
+    def __init__(self, server: Server, max_connections: int, max_calls: int) -> None:
+        self.server = server
+        self.handler = server.handler
+        self.limits = server.limits
+        self.max_connections = max_connections
+        self.max_calls = max_calls
+        self.loop = Loop()
+        self.connections: dict[int, Connection] = {}
+        self.calls: dict[Connection, GuestCall] = {}  # in flight
+        self.queued: deque[tuple[Connection, RequestHead]] = deque()  # waiting for admission
+        self._waits: dict[GuestCall, _Wait] = {}  # what each suspended call waits for
+        self._accepting = False
+        self._busy_since = math.inf  # guests ready to run since (inf: none)
+        self._last_overflow = 0.0  # when a connection was last taken while busy
+        self._draining = False
+        self._idle_work = False  # a request ended since the loop last had nothing to do
+
+    # -- the loop
+    def run(self, on_tick: Optional[Callable[[], None]] = None) -> None:
+        loop, server = self.loop, self.server
+        loop.call_at(time.monotonic() + SWEEP_INTERVAL, self._sweep)
+        if on_tick is not None:
+            self._tick(on_tick)
+        self._update_accepting()
         while True:
-            if self._stopping and not draining:
-                draining = True
-                self._drain_deadline = time.monotonic() + graceful_timeout
+            if server.stopping and not self._draining:
                 self._start_drain()
-            if draining and (not self.connections and self._busy == 0
-                             or time.monotonic() > self._drain_deadline):
+            if self._draining and (not self.connections
+                                   or time.monotonic() > server.drain_deadline):
                 break
-            wake_by = min(next_sweep, next_tick)
-            if not self._accepting:  # (when it is, a new connection wakes the loop anyway)
-                wake_by = min(wake_by, self._overflow_turn())
-            timeout = max(0.0, wake_by - time.monotonic())
-            for fd, events in self._epoll.poll(timeout):
-                if fd in self.listeners:
-                    self._accept(self.listeners[fd])
-                elif fd == self._wake_r:
-                    self._drain_wakeups()
-                else:
-                    conn = self.connections.get(fd)
-                    if conn is not None:
-                        self._on_event(conn, events)
+            if not loop.busy and self._idle_work and not self._draining:
+                self._idle_work = False
+                self._run_hook(server.on_idle)
+            loop.run_once(MAX_WAIT)  # (at once while a guest is ready to run)
             self._update_accepting()
-            now = time.monotonic()
-            if now >= next_sweep:
-                next_sweep = now + SWEEP_INTERVAL
-                self._sweep(now)
-            if now >= next_tick:
-                next_tick = now + TICK_INTERVAL
-                if self.on_tick is not None:
-                    self.on_tick()
-        self._shutdown(workers)
+        self._shutdown()
 
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+    def _tick(self, on_tick: Callable[[], None]) -> None:
+        self._run_hook(on_tick)
+        self.loop.call_at(time.monotonic() + TICK_INTERVAL, lambda: self._tick(on_tick))
 
-    def _accept(self, listener: socket.socket) -> None:
-        """Accept while a request thread is free: the others stay in the shared backlog, for
-        a worker that can serve them (or for this one's overflow turn)."""
-        while self._can_accept():
-            if self._busy >= self.threads:
-                self._last_overflow = time.monotonic()
+    @staticmethod
+    def _run_hook(hook: Optional[Callable[[], None]]) -> None:
+        if hook is not None:
             try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
+                hook()
+            except Exception:
+                log.exception("%s failed", getattr(hook, "__qualname__", hook))
+
+    # -- accepting
+    def _accept(self, listener: socket.socket, events: int) -> None:
+        """Take one connection (the next readiness brings the next, so the loops and workers
+        with nothing to do take turns at them)."""
+        if not self._can_accept():
+            return
+        if self.loop.busy:
+            self._last_overflow = time.monotonic()
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept failed: %s", exc)
                 return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s", exc)
-                    return
-                raise
-            conn = Connection(sock, peer, self.limits)
-            self.connections[conn.fd] = conn
-            self._epoll.register(conn.fd, IN | ONESHOT)
-            self._read_head(conn)  # the head often arrives with the connection
+            raise
+        conn = self._adopt(sock, peer)
+        self._read_head(conn)  # the head often arrives with the connection
+
+    def _adopt(self, sock: socket.socket, peer: object) -> Connection:
+        conn = Connection(sock, peer, self.limits)
+        self.connections[conn.fd] = conn
+        if self._draining:
+            conn.must_close = True
+        return conn
 
     def _can_accept(self) -> bool:
-        if self._stopping or len(self.connections) >= self.worker_connections:
+        if (self.server.stopping or len(self.connections) >= self.max_connections
+                or len(self.calls) >= self.max_calls):
             return False
-        return self._busy < self.threads or time.monotonic() >= self._overflow_turn()
+        return not self.loop.busy or time.monotonic() >= self._overflow_turn()
 
     def _overflow_turn(self) -> float:
-        """When a worker whose threads are all busy may take one more connection anyway.
-
-        A worker with a free thread takes a new connection at once. When every worker is busy
-        (keep-alive clients keep them so), a connection in the backlog would otherwise wait
-        for a moment no worker happens to be full, which under steady load may not come: so a
-        busy worker takes one after it has been busy for a while, one per such while.
-        """
-        return max(self._saturated_since, self._last_overflow) + OVERFLOW_ACCEPT_INTERVAL
+        """When a loop that stays busy (guests ready to run, one after the other) may take one
+        more connection anyway: with every loop busy, a connection in the backlog would
+        otherwise wait for a moment no loop happens to be idle, which under load may not come."""
+        return max(self._busy_since, self._last_overflow) + OVERFLOW_ACCEPT_INTERVAL
 
     def _update_accepting(self) -> None:
-        if self._busy < self.threads:
-            self._saturated_since = math.inf
-        elif self._saturated_since == math.inf:
-            self._saturated_since = time.monotonic()
+        if not self.loop.busy:
+            self._busy_since = math.inf
+        elif self._busy_since == math.inf:
+            self._busy_since = time.monotonic()
         if self._can_accept() != self._accepting:
-            self._set_accepting(not self._accepting)
+            self._accepting = not self._accepting
+            for listener in self.server.listeners:
+                if self._accepting:
+                    self.loop.listen(listener.fileno(), functools.partial(self._accept, listener))
+                else:
+                    self.loop.forget(listener.fileno())
 
-    def _set_accepting(self, accepting: bool) -> None:
-        for fd in self.listeners:
-            if accepting:
-                self._epoll.register(fd, IN)
-            else:
-                self._epoll.unregister(fd)
-        self._accepting = accepting
+    # -- connections the loop holds: heads, flushes, lingering closes
+    def _watch(self, conn: Connection, events: int) -> None:
+        self.loop.watch(conn.fd, events, functools.partial(self._on_event, conn))
 
     def _on_event(self, conn: Connection, events: int) -> None:
         if conn.state == "head":
@@ -210,22 +229,17 @@ class Server:
             self._close(conn)
             return
         if request is None:
-            self._arm(conn, IN)
+            self._watch(conn, IN)
         else:
             self._dispatch(conn, request)
 
-    def _dispatch(self, conn: Connection, request: RequestHead) -> None:
-        conn.state = "request"
-        conn.request = request
-        with self._busy_lock:
-            self._busy += 1
-        self._jobs.put(conn)
-
     def _refuse(self, conn: Connection, status: int, reason: str) -> None:
         conn.send_error(status, reason)
-        self._finish(conn, keep=False)
+        self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
+        """Send what is left of a response; then the next request, or a polite close."""
+        conn.state = "flush"
         try:
             done = conn.flush()
         except OSError:
@@ -233,16 +247,12 @@ class Server:
             return
         if not done:
             conn.writing.waiting(time.monotonic())
-            self._arm(conn, OUT)
+            self._watch(conn, OUT)
         elif not conn.finish_cycle():
             self._start_linger(conn)
         else:
-            self._await_next(conn)
-
-    def _await_next(self, conn: Connection) -> None:
-        """Between requests: a pipelined head may already be here, else wait for one."""
-        conn.state = "head"
-        self._read_head(conn)
+            conn.state = "head"  # between requests: a pipelined head may already be here
+            self._read_head(conn)
 
     def _start_linger(self, conn: Connection) -> None:
         """Close the sending side, then drop what the client still sends for a while: closing
@@ -264,24 +274,19 @@ class Server:
                     self._close(conn)
                     return
         except (BlockingIOError, InterruptedError):
-            self._arm(conn, IN)
+            self._watch(conn, IN)
         except OSError:
-            self._close(conn)
-
-    def _arm(self, conn: Connection, events: int) -> None:
-        try:
-            self._epoll.modify(conn.fd, events | ONESHOT)
-        except OSError:  # closed meanwhile
             self._close(conn)
 
     def _close(self, conn: Connection) -> None:
         if self.connections.pop(conn.fd, None) is conn:
+            self.loop.forget(conn.fd)
             conn.close()
-            if not self._accepting and not self._stopping:
-                self._wake()
 
-    def _sweep(self, now: float) -> None:
-        """Enforce the deadlines of connections the loop holds."""
+    def _sweep(self) -> None:
+        """Enforce the deadlines of the connections the loop holds."""
+        now = time.monotonic()
+        self.loop.call_at(now + SWEEP_INTERVAL, self._sweep)
         for conn in list(self.connections.values()):
             state = conn.state
             if state == "head":
@@ -300,106 +305,122 @@ class Server:
                 if now - conn.idle_since > CLOSE_DRAIN_TIME:
                     self._close(conn)
 
-    # -- request threads
-    def _work(self) -> None:
-        while True:
-            conn = self._jobs.get()
-            if conn is None:
-                return
-            try:
-                self._serve(conn)
-            except Exception:
-                log.exception("connection from %s failed", conn.peer)
-                self._close(conn)
-            try:
-                if self.on_idle is not None:
-                    self.on_idle()
-            except Exception:
-                log.exception("preparing for the next request failed")
-            finally:
-                with self._busy_lock:
-                    self._busy -= 1
-                    wake = not self._accepting or self._stopping
-                if wake:
-                    self._wake()
-
-    def _serve(self, conn: Connection) -> None:
-        """Serve the connection's request, and the next ones while the client has sent them."""
-        request = conn.request
-        while request is not None:
-            conn.request = None
-            if self._stopping:
-                conn.must_close = True
-            try:
-                self.handler(conn, request)
-            except BadRequest as exc:
-                conn.send_error(exc.status, exc.reason)
-            try:
-                done = conn.flush()
-            except OSError:
-                self._close(conn)
-                return
-            keep = done and conn.finish_cycle()
-            if not done:
-                self._finish(conn, keep=None)
-                return
-            if not keep:
-                self._finish(conn, keep=False)
-                return
-            try:
-                request = conn.read_head(receive=False)  # pipelined, already read
-                if request is None and self._jobs.empty() and conn.readable_within(NEXT_REQUEST_WAIT):
-                    request = conn.read_head()  # a busy client's next request: serve it here
-            except BadRequest as exc:
-                conn.send_error(exc.status, exc.reason)
-                self._finish(conn, keep=False)
-                return
-            except ClientGone:
-                self._close(conn)
-                return
-        self._finish(conn, keep=True)
-
-    def _finish(self, conn: Connection, keep: Optional[bool]) -> None:
-        """Hand a connection to the loop: to finish sending (``keep`` None), to wait for the
-        next request (True) or to close (False)."""
-        if conn.out:
-            conn.state = "flush"
-            conn.writing.waiting(time.monotonic())
-            self._arm(conn, OUT)
-        elif keep:
-            conn.state = "head"
-            self._arm(conn, IN)
+    # -- guest calls
+    def _dispatch(self, conn: Connection, request: RequestHead) -> None:
+        """A complete request: its guest call starts now if the loop has room, else in turn."""
+        conn.state = "request"
+        if self.server.stopping:
+            conn.must_close = True
+        if len(self.calls) < self.max_calls:
+            self._begin(conn, request)
         else:
-            self._start_linger(conn)
+            self.queued.append((conn, request))
+
+    def _begin(self, conn: Connection, request: RequestHead) -> None:
+        call = GuestCall(self.handler, conn, request)
+        self.calls[conn] = call
+        if call.start():
+            self._step(call)
+        else:
+            self._ended(call)
+
+    def _step(self, call: GuestCall) -> None:
+        """Run the guest until it waits or returns."""
+        if call.step():
+            self._ended(call)
+        elif call.guest.waiting:
+            self._suspend(call)
+        else:  # it yielded its turn (an epoch tick): the others run first
+            self.loop.call_soon(functools.partial(self._step, call))
+
+    def _suspend(self, call: GuestCall) -> None:
+        """Watch what a guest waits for; the first of it ready runs the guest again. The
+        client's connection is watched in any case: a client that leaves cancels the call."""
+        interests, wake_at = call.waits()
+        wanted: dict[int, int] = {call.conn.fd: 0}
+        for fd, events in interests:
+            wanted[fd] = wanted.get(fd, 0) | events
+        previous = self._waits.get(call)
+        wait = self._waits[call] = _Wait(set(wanted))
+        if previous is not None:
+            for fd in previous.fds - wait.fds:
+                self.loop.forget(fd)
+        for fd, events in wanted.items():
+            mask = (IN if events & READABLE else 0) | (OUT if events & WRITABLE else 0)
+            if fd == call.conn.fd:
+                mask |= CLOSED
+            self.loop.watch(fd, mask, functools.partial(self._wake, call, wait, fd))
+        if wake_at is not None:
+            wait.timer = self.loop.call_at(wake_at / 1e9,
+                                           functools.partial(self._wake, call, wait, -1, 0))
+
+    def _wake(self, call: GuestCall, wait: "_Wait", fd: int, events: int) -> None:
+        if wait.done:  # (another of its sockets, or its deadline, came first)
+            return
+        wait.done = True
+        if wait.timer is not None:
+            wait.timer.cancel()
+        if fd == call.conn.fd and events & CLOSED and not call.reads_body:
+            call.cancel()
+            self._ended(call)
+            return
+        self.loop.call_soon(functools.partial(self._step, call))
+
+    def _ended(self, call: GuestCall) -> None:
+        """A guest call is over: its connection goes on to the rest of the response, and the
+        next request in line gets its place."""
+        conn = call.conn
+        del self.calls[conn]
+        wait = self._waits.pop(call, None)
+        if wait is not None:
+            for fd in wait.fds - {conn.fd}:
+                self.loop.forget(fd)
+        self._idle_work = True
+        self._flush(conn)
+        while self.queued and len(self.calls) < self.max_calls:
+            self._begin(*self.queued.popleft())
 
     # -- stopping
     def _start_drain(self) -> None:
-        """Take what is already in the backlog, then close the listeners."""
-        for listener in self.listeners.values():
+        """Stop listening, then take what is already in the backlog; the last loop to do so
+        closes the listeners (a connection left in their backlog would be reset)."""
+        self._draining = True
+        self.server.start_drain()
+        for conn in self.connections.values():
+            conn.must_close = True
+        if self._accepting:
+            self._accepting = False
+            for listener in self.server.listeners:
+                self.loop.forget(listener.fileno())
+        self._take_backlog()
+        if self.server.stopped_listening():
+            self._take_backlog()
+            for listener in self.server.listeners:
+                listener.close()
+
+    def _take_backlog(self) -> None:
+        for listener in self.server.listeners:
             while True:
                 try:
                     sock, peer = listener.accept()
                 except OSError:
                     break
-                conn = Connection(sock, peer, self.limits)
-                self.connections[conn.fd] = conn
-                self._epoll.register(conn.fd, IN | ONESHOT)
-        if self._accepting:
-            self._set_accepting(False)
-        for listener in self.listeners.values():
-            listener.close()
-        for conn in list(self.connections.values()):
-            conn.must_close = True
+                self._read_head(self._adopt(sock, peer))
 
-    def _shutdown(self, workers: list[threading.Thread]) -> None:
-        for _ in workers:
-            self._jobs.put(None)
-        deadline = max(self._drain_deadline, time.monotonic() + 0.1)
-        for thread in workers:
-            thread.join(max(0.0, deadline - time.monotonic()))
+    def _shutdown(self) -> None:
+        for call in list(self.calls.values()):
+            call.cancel()
         for conn in list(self.connections.values()):
-            if conn.state != "request":
-                self._close(conn)
-        self._epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            self._close(conn)
+        self.loop.close()
+
+
+class _Wait:
+    """One suspension of a guest call: the sockets it watches and its deadline's timer."""
+
+    __slots__ = ("fds", "timer", "done")
+
+    def __init__(self, fds: set[int]) -> None:
+        self.fds = fds
+        self.timer: Optional[Timer] = None
+        self.done = False

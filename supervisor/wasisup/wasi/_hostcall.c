@@ -47,9 +47,10 @@ static void *(*any_to_host)(void *ctx, const void *any, void **host_out);
 static void *(*host_to_any)(void *ctx, const void *host, void **any_out);
 static void *(*error_new)(const char *message);
 static void (*error_delete)(void *error);
-static void *(*func_call)(const void *func, void *ctx, const void *args, size_t nargs,
-                          void *results, size_t nresults);
-static void *(*func_post_return)(const void *func, void *ctx);
+static void *(*func_call_async)(const void *func, void *ctx, const void *args, size_t nargs,
+                                void *results, size_t nresults, void **error_out);
+static bool (*future_poll)(void *future);
+static void (*future_delete)(void *future);
 static void (*val_delete)(void *val);
 static void (*val_free)(void *val);
 
@@ -800,8 +801,9 @@ static void *trap_error(PyObject *text) {
     return error;
 }
 
-/* The current exception as a trap: Trap and Err keep their message, anything else is logged. */
-static void *failure(HostFunction *fn) {
+/* The current exception as the message of a trap: Trap and Err keep their message, anything
+ * else is logged. Never NULL; no exception is left set. */
+static PyObject *failure_message(HostFunction *fn) {
     PyObject *exc = take_exception();
     PyObject *text;
     if (exc != NULL && PyObject_TypeCheck(exc, (PyTypeObject *)Trap)) {
@@ -818,26 +820,27 @@ static void *failure(HostFunction *fn) {
         text = PyUnicode_FromFormat("host function %U failed", fn->name);
     }
     Py_XDECREF(exc);
-    return trap_error(text);
+    PyErr_Clear();
+    return text ? text : PyUnicode_FromString("host function failed");
 }
 
-static void *call(HostFunction *fn, void *ctx, const uint8_t *args, uint8_t *results) {
+/* The Store's host state (a new reference), or NULL with an exception set. */
+static PyObject *store_state(void *ctx) {
     PyObject *key = PyLong_FromVoidPtr(ctx);
-    if (key == NULL) return failure(fn);
+    if (key == NULL) return NULL;
     PyObject *res = PyDict_GetItemWithError(stores, key); /* borrowed */
     Py_DECREF(key);
-    if (res == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(Trap, "no host state for this Store");
-        return failure(fn);
-    }
-    Py_INCREF(res);
+    if (res == NULL && !PyErr_Occurred()) PyErr_SetString(Trap, "no host state for this Store");
+    return Py_XNewRef(res);
+}
+
+/* Lift the arguments and call the Python function: what it returned (a new reference; an Err
+ * raised for a result's error case counts as returned), or NULL with an exception set. */
+static PyObject *invoke(HostFunction *fn, void *ctx, PyObject *res, const uint8_t *args) {
     PyObject *stack[16], **argv = stack;
     Py_ssize_t argc = fn->nparams + fn->pass_store, lifted = 0;
-    if (argc > 16 && (argv = PyMem_Malloc(argc * sizeof(PyObject *))) == NULL) {
-        Py_DECREF(res);
-        PyErr_NoMemory();
-        return failure(fn);
-    }
+    if (argc > 16 && (argv = PyMem_Malloc(argc * sizeof(PyObject *))) == NULL)
+        return PyErr_NoMemory();
     PyObject *value = NULL;
     if (fn->pass_store) argv[lifted++] = Py_NewRef(res);
     for (Py_ssize_t i = 0; i < fn->nparams; i++, lifted++) {
@@ -845,29 +848,228 @@ static void *call(HostFunction *fn, void *ctx, const uint8_t *args, uint8_t *res
         if (argv[lifted] == NULL) goto done;
     }
     value = PyObject_Vectorcall(fn->func, argv, (size_t)argc, NULL);
-    if (value == NULL && fn->result != NULL && fn->result->kind == K_RESULT
-        && PyErr_ExceptionMatches(Err)) {
-        value = take_exception();   /* a result's error case, raised: lowered as Err */
-    }
 done:
     for (Py_ssize_t i = 0; i < lifted; i++) Py_DECREF(argv[i]);
     if (argv != stack) PyMem_Free(argv);
-    void *error = NULL;
+    return value;
+}
+
+/* What a finished call returned: `value`, or the Err a result's error case was raised as. */
+static PyObject *returned(HostFunction *fn, PyObject *value) {
+    if (value == NULL && fn->result != NULL && fn->result->kind == K_RESULT
+        && PyErr_ExceptionMatches(Err))
+        return take_exception(); /* lowered as the error case */
+    return value;
+}
+
+/* Write a finished call's result (consumed) for the guest: NULL, or the message of the trap it
+ * must be instead (the call failed, or its result cannot be handed over). */
+static PyObject *deliver(HostFunction *fn, PyObject *value, void *ctx, PyObject *res,
+                         uint8_t *results) {
+    value = returned(fn, value);
+    PyObject *text = NULL;
     if (value == NULL || (fn->result != NULL && lower(fn->result, value, results, ctx, res, true) < 0))
-        error = failure(fn);
+        text = failure_message(fn);
     Py_XDECREF(value);
-    Py_DECREF(res);
-    return error;
+    return text;
 }
 
 static void *trampoline(void *data, void *ctx, const void *type, const uint8_t *args,
                         size_t nargs, uint8_t *results, size_t nresults) {
     (void)type, (void)nargs, (void)nresults;
+    HostFunction *fn = data;
     PyGILState_STATE gil = PyGILState_Ensure();
-    void *error = call((HostFunction *)data, ctx, args, results);
+    PyObject *res = store_state(ctx), *text;
+    if (res == NULL) {
+        text = failure_message(fn);
+    } else {
+        text = deliver(fn, invoke(fn, ctx, res, args), ctx, res, results);
+        Py_DECREF(res);
+    }
+    void *error = text ? trap_error(text) : NULL;
     PyGILState_Release(gil);
     return error;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Host functions that wait: the guest runs on a fiber (a call future) and is suspended while
+ * the host waits.
+ *
+ * A Python function that may wait is a generator function: it yields where it would block,
+ * having told the loop what it waits for (wasi/io.py), and returns its result. The async
+ * trampoline starts it; if it yields, wasmtime gets a continuation that resumes it each time
+ * the loop polls the guest's call future, until it returns. The continuation has no way to
+ * trap the guest, so a failure there (the function raised, or its result cannot be handed
+ * over) is recorded on the Store's host state as `failed` and the guest stays suspended: the
+ * loop sees it and drops the call future. */
+
+typedef struct {
+    bool (*callback)(void *env);
+    void *env;
+    void (*finalizer)(void *env);
+} Continuation; /* wasmtime_async_continuation_t */
+
+typedef struct {
+    HostFunction *fn;
+    PyObject *gen;   /* NULL once it has returned */
+    PyObject *res;
+    void *ctx;       /* the Store's context: valid while its call future lives */
+    uint8_t *results;
+} Waiting;
+
+static PyObject *s_failed;
+
+static bool ready_now(void *env) { (void)env; return true; }
+
+static void fail_later(PyObject *res, PyObject *text) {
+    if (PyObject_SetAttr(res, s_failed, text) < 0) PyErr_WriteUnraisable(res);
+    Py_DECREF(text);
+}
+
+static bool resume(void *env) {
+    Waiting *w = env;
+    if (w->gen == NULL) return false; /* failed: the loop drops the call */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *value;
+    PySendResult sent = PyIter_Send(w->gen, Py_None, &value);
+    bool done = false;
+    if (sent == PYGEN_NEXT) {
+        Py_DECREF(value);
+    } else {
+        Py_CLEAR(w->gen);
+        PyObject *text = deliver(w->fn, sent == PYGEN_RETURN ? value : NULL, w->ctx, w->res,
+                                 w->results);
+        if (text) fail_later(w->res, text);
+        else done = true;
+    }
+    PyGILState_Release(gil);
+    return done;
+}
+
+static void finalize(void *env) {
+    Waiting *w = env;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_XDECREF(w->gen); /* a generator dropped while it waits runs its `finally` blocks */
+    Py_DECREF(w->res);
+    Py_DECREF((PyObject *)w->fn);
+    PyMem_Free(w);
+    PyGILState_Release(gil);
+}
+
+static void async_trampoline(void *data, void *ctx, const void *type, const uint8_t *args,
+                             size_t nargs, uint8_t *results, size_t nresults, void **error_out,
+                             Continuation *continuation) {
+    (void)type, (void)nargs, (void)nresults;
+    HostFunction *fn = data;
+    *continuation = (Continuation){ready_now, NULL, NULL};
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *res = store_state(ctx), *text;
+    if (res == NULL) {
+        *error_out = trap_error(failure_message(fn));
+        PyGILState_Release(gil);
+        return;
+    }
+    PyObject *value = invoke(fn, ctx, res, args);
+    if (value != NULL && PyGen_Check(value)) {
+        PyObject *gen = value;
+        PySendResult sent = PyIter_Send(gen, Py_None, &value);
+        Waiting *w;
+        if (sent == PYGEN_NEXT && (w = PyMem_Malloc(sizeof(Waiting))) != NULL) {
+            Py_DECREF(value);
+            *w = (Waiting){(HostFunction *)Py_NewRef((PyObject *)fn), gen, Py_NewRef(res), ctx,
+                           results};
+            *continuation = (Continuation){resume, w, finalize};
+            Py_DECREF(res);
+            PyGILState_Release(gil);
+            return;
+        }
+        if (sent == PYGEN_NEXT) { /* (no memory for the continuation) */
+            Py_DECREF(value);
+            PyErr_NoMemory();
+        }
+        Py_DECREF(gen);
+        if (sent != PYGEN_RETURN) value = NULL;
+    }
+    text = deliver(fn, value, ctx, res, results);
+    if (text) *error_out = trap_error(text);
+    Py_DECREF(res);
+    PyGILState_Release(gil);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* CallFuture: the guest's incoming handler, called on a fiber and driven by the loop */
+
+typedef struct {
+    PyObject_HEAD
+    void *future;          /* wasmtime_call_future_t; NULL once finished or dropped */
+    void *error;           /* the wasmtime_error_t the call failed with, until taken */
+    PyObject *keep;        /* what the call reads: the function's struct, the Store's state */
+    void *ctx;
+    _Alignas(8) uint8_t params[2 * VAL_SIZE]; /* read by the call's first poll */
+} CallFuture;
+
+static void CallFuture_release(CallFuture *self) {
+    if (self->future != NULL) {
+        future_delete(self->future); /* a suspended guest is unwound; its continuations finalized */
+        self->future = NULL;
+    }
+    if (self->keep != NULL) {
+        val_delete(self->params); /* the call copied them: the handles are still ours to drop */
+        val_delete(self->params + VAL_SIZE);
+        forget(self->params);
+        forget(self->params + VAL_SIZE);
+        Py_CLEAR(self->keep);
+    }
+}
+
+static void CallFuture_dealloc(CallFuture *self) {
+    CallFuture_release(self);
+    if (self->error != NULL) error_delete(self->error);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *CallFuture_poll(CallFuture *self, PyObject *unused) {
+    if (self->future == NULL) Py_RETURN_TRUE;
+    bool done;
+    Py_BEGIN_ALLOW_THREADS
+    done = future_poll(self->future);
+    Py_END_ALLOW_THREADS
+    if (!done) Py_RETURN_FALSE;
+    CallFuture_release(self);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *CallFuture_close(CallFuture *self, PyObject *unused) {
+    CallFuture_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *CallFuture_take_error(CallFuture *self, PyObject *unused) {
+    if (self->error == NULL) Py_RETURN_NONE;
+    void *error = self->error;
+    self->error = NULL;
+    return PyLong_FromVoidPtr(error);
+}
+
+static PyMethodDef CallFuture_methods[] = {
+    {"poll", (PyCFunction)CallFuture_poll, METH_NOARGS,
+     "Run the guest until it returns (True) or waits (False); the GIL is released meanwhile."},
+    {"close", (PyCFunction)CallFuture_close, METH_NOARGS,
+     "Drop the call: a suspended guest is unwound, its waits finalized."},
+    {"take_error", (PyCFunction)CallFuture_take_error, METH_NOARGS,
+     "The address of the wasmtime error the finished call failed with (now the caller's), or None."},
+    {NULL},
+};
+
+static PyTypeObject CallFutureType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wasisup.wasi._hostcall.CallFuture",
+    .tp_doc = "A guest call in flight (see start_call).",
+    .tp_basicsize = sizeof(CallFuture),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)CallFuture_dealloc,
+    .tp_methods = CallFuture_methods,
+};
 
 /* A guest dropped a handle to a host resource: abi.py releases the table entry. */
 static void *resource_dtor(void *data, void *ctx, uint32_t rep) {
@@ -886,31 +1088,33 @@ static void no_finalizer(void *data) { (void)data; }
 /* ------------------------------------------------------------------------------------------ */
 /* Module */
 
-/* Call a guest function taking two owned resources and returning nothing (the incoming
- * handler): the GIL is released only while the guest runs, not around the small calls before
- * and after it (each release is a chance for another thread to take the GIL, and a wait to get
- * it back). Returns the wasmtime error's address, or None. */
-static PyObject *call_handler(PyObject *module, PyObject *args) {
-    unsigned long long func, ctx;
-    PyObject *first, *second, *res;
-    if (!PyArg_ParseTuple(args, "KKOOO", &func, &ctx, &first, &second, &res)) return NULL;
-    void *context = (void *)(uintptr_t)ctx;
-    _Alignas(8) uint8_t params[2 * VAL_SIZE] = {K_BOOL};
-    if (lower_own(first, params, context, res) < 0) return NULL;
-    if (lower_own(second, params + VAL_SIZE, context, res) < 0) {
+/* Start a guest function taking two owned resources and returning nothing (the incoming
+ * handler) as a call future: start_call(func, ctx, first, second, state), where func is the
+ * wasmtime_component_func_t (a ctypes struct: anything with its bytes as a buffer). */
+static PyObject *start_call(PyObject *module, PyObject *args) {
+    unsigned long long ctx;
+    PyObject *func, *first, *second, *res;
+    if (!PyArg_ParseTuple(args, "OKOOO", &func, &ctx, &first, &second, &res)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(func, &view, PyBUF_SIMPLE) < 0) return NULL;
+    void *func_ptr = view.buf;
+    PyBuffer_Release(&view); /* (`keep` holds the object, so its bytes stay where they are) */
+    CallFuture *self = PyObject_New(CallFuture, &CallFutureType);
+    if (self == NULL) return NULL;
+    self->future = self->error = NULL;
+    self->ctx = (void *)(uintptr_t)ctx;
+    memset(self->params, 0, sizeof self->params);
+    self->keep = PyTuple_Pack(2, func, res);
+    if (self->keep == NULL) { Py_DECREF(self); return NULL; }
+    if (lower_own(first, self->params, self->ctx, res) < 0) { Py_DECREF(self); return NULL; }
+    if (lower_own(second, self->params + VAL_SIZE, self->ctx, res) < 0) {
         static const Type own = {.kind = K_OWN, .owns = true};
-        unlower(&own, params, context);
+        unlower(&own, self->params, self->ctx);
+        Py_DECREF(self);
         return NULL;
     }
-    void *error;
-    Py_BEGIN_ALLOW_THREADS
-    error = func_call((void *)(uintptr_t)func, context, params, 2, NULL, 0);
-    Py_END_ALLOW_THREADS
-    if (error == NULL) error = func_post_return((void *)(uintptr_t)func, context);
-    val_delete(params); /* the call copied them: the handles are still ours to drop */
-    val_delete(params + VAL_SIZE);
-    if (error == NULL) Py_RETURN_NONE;
-    return PyLong_FromVoidPtr(error);
+    self->future = func_call_async(func_ptr, self->ctx, self->params, 2, NULL, 0, &self->error);
+    return (PyObject *)self;
 }
 
 /* Fill `slot` with wasmtime's function `name`, as `address(name)` finds it. */
@@ -943,8 +1147,9 @@ static PyObject *setup(PyObject *module, PyObject *args, PyObject *kwargs) {
         {"wasmtime_component_resource_host_to_any", (void **)&host_to_any},
         {"wasmtime_error_new", (void **)&error_new},
         {"wasmtime_error_delete", (void **)&error_delete},
-        {"wasmtime_component_func_call", (void **)&func_call},
-        {"wasmtime_component_func_post_return", (void **)&func_post_return},
+        {"wasmtime_component_func_call_async", (void **)&func_call_async},
+        {"wasmtime_call_future_poll", (void **)&future_poll},
+        {"wasmtime_call_future_delete", (void **)&future_delete},
         {"wasmtime_component_val_delete", (void **)&val_delete},
         {"wasmtime_component_val_free", (void **)&val_free},
     };
@@ -965,10 +1170,10 @@ static PyMethodDef methods[] = {
      "setup(address, ok, err, trap, stores, on_failure, on_drop): address(name) finds each "
      "wasmtime C API function this module calls; then the Python side's classes and hooks. "
      "Called once, by abi.py."},
-    {"call_handler", call_handler, METH_VARARGS,
-     "call_handler(func, ctx, first, second, resources): call the guest function at address func "
-     "in the Store whose context is at ctx with own<first> and own<second>; returns the address "
-     "of wasmtime's error, or None."},
+    {"start_call", start_call, METH_VARARGS,
+     "start_call(func, ctx, first, second, state): start the guest function func (its "
+     "wasmtime_component_func_t) in the Store whose context is at ctx with own<first> and "
+     "own<second>, as a CallFuture."},
     {NULL},
 };
 
@@ -986,12 +1191,24 @@ static const struct { const char *name; int kind; } SPEC_KINDS[] = {
     {"K_BORROW", K_BORROW}, {"K_OWN", K_OWN},
 };
 
+/* The layout of wasmtime's values this module assumes (capi.py checks it against wasmtime-py's). */
+static const struct { const char *name; long value; } LAYOUT[] = {
+    {"VAL_SIZE", VAL_SIZE}, {"RECORD_ENTRY_SIZE", RECORD_ENTRY_SIZE}, {"NAME_SIZE", NAME_SIZE},
+    {"K_RESOURCE", K_RESOURCE},
+};
+
 PyMODINIT_FUNC PyInit__hostcall(void) {
-    if (PyType_Ready(&HostFunctionType) < 0) return NULL;
+    if (PyType_Ready(&HostFunctionType) < 0 || PyType_Ready(&CallFutureType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL) return NULL;
     for (size_t i = 0; i < sizeof SPEC_KINDS / sizeof SPEC_KINDS[0]; i++) {
         if (PyModule_AddIntConstant(m, SPEC_KINDS[i].name, SPEC_KINDS[i].kind) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    for (size_t i = 0; i < sizeof LAYOUT / sizeof LAYOUT[0]; i++) {
+        if (PyModule_AddIntConstant(m, LAYOUT[i].name, LAYOUT[i].value) < 0) {
             Py_DECREF(m);
             return NULL;
         }
@@ -1001,9 +1218,12 @@ PyMODINIT_FUNC PyInit__hostcall(void) {
     s_add = PyUnicode_InternFromString("add");
     s_value = PyUnicode_InternFromString("value");
     s_resource_id = PyUnicode_InternFromString("resource_id");
-    if (!s_get || !s_remove || !s_add || !s_value || !s_resource_id
+    s_failed = PyUnicode_InternFromString("failed");
+    if (!s_get || !s_remove || !s_add || !s_value || !s_resource_id || !s_failed
         || PyModule_AddObjectRef(m, "HostFunction", (PyObject *)&HostFunctionType) < 0
+        || PyModule_AddObjectRef(m, "CallFuture", (PyObject *)&CallFutureType) < 0
         || PyModule_AddObject(m, "TRAMPOLINE", PyLong_FromVoidPtr((void *)trampoline)) < 0
+        || PyModule_AddObject(m, "ASYNC_TRAMPOLINE", PyLong_FromVoidPtr((void *)async_trampoline)) < 0
         || PyModule_AddObject(m, "RESOURCE_DTOR", PyLong_FromVoidPtr((void *)resource_dtor)) < 0
         || PyModule_AddObject(m, "NO_FINALIZER", PyLong_FromVoidPtr((void *)no_finalizer)) < 0) {
         Py_DECREF(m);

@@ -15,23 +15,25 @@ Python shapes of WIT values:
   returns the ok payload and raises ``Err`` for the error case.
   Resources: a host function returns a ``Resource`` object for ``own<T>``; it receives the
   object for ``borrow<T>`` and ``own<T>`` (``own`` removes it from the store's table).
+
+A host function that may wait is a generator function (see ``wasi.io``): it is bound as an
+async host function, and the guest is suspended while it waits.
 """
 
 from __future__ import annotations
 
-import ctypes
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
-from wasmtime import WasmtimeError
-from wasmtime import _ffi as ffi
 from wasmtime.component import (
     BorrowType, Bool, Char, EnumType, F32, F64, FlagsType, ListType, OptionType, OwnType,
     RecordType, ResultType, S8, S16, S32, S64, String, TupleType, U8, U16, U32, U64,
     ValType, VariantType,
 )
 
+from .. import capi
 from . import _hostcall
 from ._hostcall import (
     K_BOOL, K_BORROW, K_BYTES, K_CHAR, K_ENUM, K_F32, K_F64, K_FLAGS, K_LIST, K_OPTION, K_OWN,
@@ -99,6 +101,9 @@ class Resources:
     def __init__(self) -> None:
         self._items: list[Any] = [None]  # rep 0 stays unused
         self._free: list[int] = []
+        # Why a host function that waited failed (set by the trampoline, which cannot trap the
+        # guest from there): whoever drives the guest's call future drops it.
+        self.failed: Optional[str] = None
 
     def add(self, obj: Resource) -> int:
         if self._free:
@@ -208,59 +213,20 @@ def _resource_dropped(ctx: int, rep: int) -> None:
 
 
 _hostcall.setup(
-    address=lambda name: ctypes.cast(ffi.dll[name], ctypes.c_void_p).value,
-    ok=Ok, err=Err, trap=Trap, stores=STORES, on_failure=_host_function_failed,
-    on_drop=_resource_dropped,
+    address=capi.address, ok=Ok, err=Err, trap=Trap, stores=STORES,
+    on_failure=_host_function_failed, on_drop=_resource_dropped,
 )
 
 
-def call_handler(func: Any, ctx: int, first: Resource, second: Resource,
-                 res: Resources) -> Optional[WasmtimeError]:
-    """Call the guest's ``func`` (a wasmtime_component_func_t) with ``own<first>`` and
-    ``own<second>`` (the incoming-handler's arguments); the error if it trapped."""
-    error = _hostcall.call_handler(ctypes.addressof(func), ctx, first, second, res)
-    if error is None:
-        return None
-    return WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
-
-
-_vp, _sz, _u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32
-
-
-def _proto(name: str, restype: Any, *argtypes: Any) -> Any:
-    fn = ffi.dll[name]  # a prototype of our own: wasmtime-py's stays as it declared it
-    fn.restype, fn.argtypes = restype, list(argtypes)
-    return fn
-
-
-_add_func = _proto("wasmtime_component_linker_instance_add_func", _vp, _vp, ctypes.c_char_p, _sz,
-                   _vp, _vp, _vp)
-_add_resource = _proto("wasmtime_component_linker_instance_add_resource", _vp, _vp,
-                       ctypes.c_char_p, _sz, _vp, _vp, _vp, _vp)
-_resource_type_new_host = _proto("wasmtime_component_resource_type_new_host", _vp, _u32)
-_resource_type_delete = _proto("wasmtime_component_resource_type_delete", None, _vp)
-
-
-def _check(err: Optional[int], what: str) -> None:
-    if err:
-        cause = WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        raise WasmtimeError(f"{what}: {cause}")
-
-
 def add_function(instance_ptr: int, name: str, fn: HostFunction) -> None:
-    """Define ``fn`` as ``name`` in a linker instance, called through the C trampoline."""
+    """Define ``fn`` as ``name`` in a linker instance, called through the C trampoline: a
+    function that may wait (a generator function, see ``wasi.io``) as an async host function."""
     FUNCTIONS.append(fn)
-    raw = name.encode()
-    _check(_add_func(instance_ptr, raw, len(raw), _hostcall.TRAMPOLINE, id(fn),
-                     _hostcall.NO_FINALIZER), f"defining {fn.name}")
+    waits = inspect.isgeneratorfunction(fn.func)
+    capi.add_function(instance_ptr, name, _hostcall.ASYNC_TRAMPOLINE if waits else _hostcall.TRAMPOLINE,
+                      id(fn), waits)
 
 
 def add_resource(instance_ptr: int, name: str, resource_id: int) -> None:
     """Define a host resource type in a linker instance; guest drops release the table entry."""
-    raw = name.encode()
-    ty = _resource_type_new_host(resource_id)
-    try:
-        _check(_add_resource(instance_ptr, raw, len(raw), ty, _hostcall.RESOURCE_DTOR, None,
-                             _hostcall.NO_FINALIZER), f"defining resource {name}")
-    finally:
-        _resource_type_delete(ty)
+    capi.add_resource(instance_ptr, name, resource_id, _hostcall.RESOURCE_DTOR)

@@ -1,10 +1,12 @@
 """wasi:io — pollables, input/output streams and errors, over host-side byte sources and sinks.
 
-A guest runs on one request thread, and that thread does all of its I/O: whatever a guest
-waits for is a socket becoming readable or writable (the client's, an upstream's) or a
-deadline. ``poll`` asks each pollable's source to make progress without blocking, and when
-none is ready sleeps in ``poll(2)`` on all of their sockets at once, with the GIL released.
-No other thread ever has to wake a guest.
+A guest runs as a call future on one of the worker's event loops, and whatever it waits for is
+a socket becoming readable or writable (the client's, an upstream's) or a deadline. A host
+function that may wait is a generator function: it asks each source to make progress without
+blocking and, when none is ready, says on the Store's ``Waiter`` what it waits for and yields.
+The guest is then suspended (the trampoline hands wasmtime a continuation) until the loop sees
+one of those sockets ready or the deadline pass, polls the guest again, and the function goes
+on from its ``yield``. Nothing that waits holds a thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import select
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Generator, Optional, Protocol
 
 from .abi import Err, Interface, Resource, Trap
 
@@ -28,23 +30,25 @@ SPLICE_BUDGET = 1024 * 1024
 READABLE, WRITABLE = select.POLLIN, select.POLLOUT
 # A socket to wait on: (fd, READABLE and/or WRITABLE).
 Interest = tuple[int, int]
+# What a host function that may wait is: it yields while it waits, then returns its result.
+Waits = Generator[None, None, Any]
 
 
 class Waiter:
-    """How one Store's guest blocks: runs the before-sleep hook, then sleeps in poll(2) until a
-    socket it waits on is ready or a deadline passes — never past the request's deadline."""
+    """Where one Store's guest says what it waits for: the sockets and the deadline (monotonic
+    ns) its loop watches while the guest is suspended — never past the request's deadline."""
 
     def __init__(self) -> None:
-        # Run before the guest sleeps: the server sends what the guest wrote so far, outbound
+        # Run before the guest waits: the server sends what the guest wrote so far, outbound
         # exchanges put their requests on the wire.
         self.before_sleep: list[Callable[[], None]] = []
         # The current request's deadline (time.monotonic_ns), if it has one.
         self.deadline: Optional[int] = None
-        # Told when the guest stops running wasm to sleep, and when it runs again.
-        self.on_sleep: Callable[[], None] = _nothing
-        self.on_wake: Callable[[], None] = _nothing
+        # While the guest is suspended: what it waits on (None: it is not waiting).
+        self.interests: Optional[list[Interest]] = None
+        self.wake_at: Optional[int] = None
 
-    def sleep(self, interests: list[Interest], deadline: Optional[int]) -> None:
+    def sleep(self, interests: list[Interest], deadline: Optional[int]) -> Waits:
         for hook in list(self.before_sleep):
             hook()
         if self.deadline is not None:
@@ -53,19 +57,11 @@ class Waiter:
             deadline = self.deadline if deadline is None else min(deadline, self.deadline)
         if not interests and deadline is None:
             raise Trap("the guest waits for something that can never become ready")
-        timeout = None if deadline is None else max(0, (deadline - time.monotonic_ns()) // 1_000_000 + 1)
-        poller = select.poll()
-        for fd, events in interests:
-            poller.register(fd, events)
-        self.on_sleep()
+        self.interests, self.wake_at = interests, deadline
         try:
-            poller.poll(timeout)
+            yield
         finally:
-            self.on_wake()
-
-
-def _nothing() -> None:
-    pass
+            self.interests = self.wake_at = None
 
 
 class Readiness(Protocol):
@@ -91,12 +87,12 @@ class Pollable(Resource):
     def ready(self) -> bool:
         return self.source.ready()
 
-    def block(self) -> None:
-        wait_any([self.source], self.waiter)
+    def block(self) -> Waits:
+        yield from wait_any([self.source], self.waiter)
 
 
-def wait_any(sources: list[Readiness], waiter: Waiter) -> list[int]:
-    """Block until at least one source is ready; return the indexes of those that are."""
+def wait_any(sources: list[Readiness], waiter: Waiter) -> Waits:
+    """Wait until at least one source is ready; return the indexes of those that are."""
     while True:
         ready = [i for i, source in enumerate(sources) if source.ready()]
         if ready:
@@ -108,13 +104,13 @@ def wait_any(sources: list[Readiness], waiter: Waiter) -> list[int]:
                 interests.append(interest)
             if when is not None:
                 deadline = when if deadline is None else min(deadline, when)
-        waiter.sleep(interests, deadline)
+        yield from waiter.sleep(interests, deadline)
 
 
-def poll(store: Any, pollables: list[Pollable]) -> list[int]:
+def poll(store: Any, pollables: list[Pollable]) -> Waits:
     if not pollables:
         raise Trap("poll needs at least one pollable")
-    return wait_any([p.source for p in pollables], store.waiter)
+    return (yield from wait_any([p.source for p in pollables], store.waiter))
 
 
 class StreamClosed(Exception):
@@ -186,20 +182,20 @@ class InputStream(Resource):
         except (StreamClosed, StreamFailed) as exc:
             raise _stream_error(exc) from None
 
-    def blocking_read(self, size: int) -> bytes:
+    def blocking_read(self, size: int) -> Waits:
         if size == 0:
             return self.read(0)
         while True:
             data = self.read(size)
             if data:
                 return data
-            wait_any([self.source], self.waiter)
+            yield from wait_any([self.source], self.waiter)
 
     def skip(self, size: int) -> int:
         return len(self.read(size))
 
-    def blocking_skip(self, size: int) -> int:
-        return len(self.blocking_read(size))
+    def blocking_skip(self, size: int) -> Waits:
+        return len((yield from self.blocking_read(size)))
 
     def subscribe(self) -> Pollable:
         return Pollable(self.source, self.waiter)
@@ -268,20 +264,20 @@ class OutputStream(Resource):
             raise Trap("write exceeds what check-write permitted")
         self._put(data)
 
-    def _wait_writable(self) -> None:
+    def _wait_writable(self) -> Waits:
         while self.check_write() == 0:
-            wait_any([self.sink], self.waiter)
+            yield from wait_any([self.sink], self.waiter)
 
-    def blocking_write_and_flush(self, data: bytes) -> None:
+    def blocking_write_and_flush(self, data: bytes) -> Waits:
         if len(data) > BLOCKING_WRITE_LIMIT:
             raise Trap(f"blocking-write-and-flush takes at most {BLOCKING_WRITE_LIMIT} bytes")
         view = memoryview(data)
         while view:
-            self._wait_writable()
+            yield from self._wait_writable()
             chunk = view[:self.check_write()]
             self._put(chunk)
             view = view[len(chunk):]
-        self.blocking_flush()
+        yield from self.blocking_flush()
 
     def flush(self) -> None:
         try:
@@ -289,15 +285,15 @@ class OutputStream(Resource):
         except (StreamClosed, StreamFailed) as exc:
             raise _stream_error(exc) from None
 
-    def blocking_flush(self) -> None:
+    def blocking_flush(self) -> Waits:
         self.flush()
-        self._wait_writable()
+        yield from self._wait_writable()
 
     def write_zeroes(self, size: int) -> None:
         self.write(bytes(size))
 
-    def blocking_write_zeroes_and_flush(self, size: int) -> None:
-        self.blocking_write_and_flush(bytes(size))
+    def blocking_write_zeroes_and_flush(self, size: int) -> Waits:
+        yield from self.blocking_write_and_flush(bytes(size))
 
     def splice(self, src: InputStream, size: int) -> int:
         """Move what is available now, up to ``size``, without passing it through the guest:
@@ -348,13 +344,13 @@ class OutputStream(Resource):
                 raise _stream_error(exc) from None
             raise
 
-    def blocking_splice(self, src: InputStream, size: int) -> int:
+    def blocking_splice(self, src: InputStream, size: int) -> Waits:
         while True:
-            self._wait_writable()
+            yield from self._wait_writable()
             moved = self.splice(src, size)
             if moved or not size:
                 return moved
-            wait_any([src.source], self.waiter)
+            yield from wait_any([src.source], self.waiter)
 
     def subscribe(self) -> Pollable:
         return Pollable(self.sink, self.waiter)

@@ -14,6 +14,7 @@ class IncomingHandler(exports.IncomingHandler):
     def handle(self, request, response_out) -> None:
         url = urlsplit(request.path_with_query() or "/")
         if url.path == "/spin":
+            print("spinning", flush=True)  # (tests wait for this line in the log)
             while True:
                 pass
         if url.path == "/work":

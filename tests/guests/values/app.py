@@ -53,6 +53,11 @@ class WitWorld(wit_world.WitWorld):
             return "no error"
         if case == "broken":
             return str(v.broken())
+        if case.startswith("pause "):
+            try:
+                return f"ok {v.pause(int(case.split()[1]))}"
+            except Err as err:
+                return f"err {err.value}"
         if case in ANSWER:  # the host decides what comes back: the guest passes it on
             return repr(ANSWER[case]())
         return f"unknown case {case}"

@@ -1,0 +1,139 @@
+"""An event loop for one thread: sockets watched with epoll, timers, and work to run next.
+
+A small, explicit core in the way of asyncio's: ``watch`` an fd once for some events (epoll's
+one-shot mode: whoever watches re-arms), ``call_at`` a time, ``call_soon``; ``run_once`` waits
+for the first of them and runs what is due. Callbacks run on the loop's thread; only ``wake``
+may be called from another.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import select
+import time
+from collections import deque
+from typing import Callable, Optional
+
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+# The peer closed its side, or the connection failed (reported whatever was asked for).
+CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+COMPACT_EVERY = 4096  # timers set between clearing out the cancelled ones
+
+
+class Timer:
+    """A callback due at a time (``time.monotonic``), until cancelled."""
+
+    __slots__ = ("when", "callback")
+
+    def __init__(self, when: float, callback: Optional[Callable[[], None]]) -> None:
+        self.when = when
+        self.callback = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+
+class Loop:
+    """One thread's sockets, timers and ready work."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._watchers: dict[int, Callable[[int], None]] = {}  # fd -> what its events go to
+        self._registered: set[int] = set()  # fds epoll knows (armed or spent)
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()  # (ties in the timer heap)
+        self._soon: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, IN)
+
+    # -- sockets
+    def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(events)`` once, when ``fd`` is ready for ``events`` (or closed)."""
+        self._watchers[fd] = callback
+        mask = events | select.EPOLLONESHOT
+        if fd in self._registered:
+            try:
+                self._epoll.modify(fd, mask)
+                return
+            except FileNotFoundError:  # closed and its number reused since
+                pass
+        self._epoll.register(fd, mask)
+        self._registered.add(fd)
+
+    def listen(self, fd: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(events)`` whenever ``fd`` (a listening socket) is readable; with the
+        other loops watching the same socket, only one of those waiting is woken."""
+        self._watchers[fd] = callback
+        self._epoll.register(fd, IN | select.EPOLLEXCLUSIVE)
+        self._registered.add(fd)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed, or handed to another owner)."""
+        self._watchers.pop(fd, None)
+        if fd in self._registered:
+            self._registered.discard(fd)
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # closed already: epoll forgot it then
+                pass
+
+    # -- time
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(when, callback)
+        order = next(self._order)
+        heapq.heappush(self._timers, (when, order, timer))
+        if order % COMPACT_EVERY == 0:  # cancelled timers wait in the heap until their time
+            self._timers = [entry for entry in self._timers if entry[2].callback is not None]
+            heapq.heapify(self._timers)
+        return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self._soon.append(callback)
+
+    def wake(self) -> None:
+        """Return from a ``run_once`` that waits (safe from any thread or a signal handler)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    @property
+    def busy(self) -> bool:
+        """Is there work to run without waiting?"""
+        return bool(self._soon)
+
+    def run_once(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a socket or a timer (not at all if work is
+        ready), then run the callbacks that are due."""
+        if self._soon:
+            timeout = 0.0
+        elif self._timers:
+            timeout = min(timeout, max(0.0, self._timers[0][0] - time.monotonic()))
+        for fd, events in self._epoll.poll(timeout):
+            if fd == self._wake_r:
+                self._drain_wakeups()
+                continue
+            callback = self._watchers.get(fd)
+            if callback is not None:
+                callback(events)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            if timer.callback is not None:
+                self._soon.append(timer.callback)
+        for _ in range(len(self._soon)):  # (what these schedule runs next time)
+            self._soon.popleft()()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

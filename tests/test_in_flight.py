@@ -1,0 +1,71 @@
+"""Requests in flight as guest calls on the worker's event loops (real workers, a real upstream):
+a waiting request holds no thread, a computing guest does not stall the others, a client that
+leaves cancels its call, and requests beyond the cap wait their turn."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import free_port, metrics_text, wait_until
+
+
+def in_flight(metrics_port: int) -> float:
+    return sum(float(value) for value in re.findall(
+        r'wasisup_requests_in_flight\{pid="\d+"\} ([\d.]+)', metrics_text(metrics_port)))
+
+
+def upstream_peak(upstream: str, group: str) -> int:
+    with urllib.request.urlopen(f"{upstream}/peak?group={group}", timeout=10) as response:
+        return int(response.read())
+
+
+def test_one_loop_holds_many_waiting_requests(serve, upstream):
+    server = serve("proxy", "-w", "1", "--threads", "1", "--env", f"UPSTREAM={upstream}")
+    count = 100  # each is answered only once all of them wait at the upstream at once
+    with ThreadPoolExecutor(count) as pool:
+        statuses = list(pool.map(lambda _: server.request("GET", f"/gate?n={count}&group=many")[0],
+                                 range(count)))
+    assert statuses == [200] * count
+
+
+def test_a_computing_guest_does_not_stall_the_others_on_its_loop(serve):
+    server = serve("hog", "-w", "1", "--threads", "1", "--compute-timeout", "8",
+                   "--graceful-timeout", "1")
+    with ThreadPoolExecutor(1) as pool:
+        spinner = pool.submit(server.request, "GET", "/spin")
+        wait_until(lambda: "spinning" in server.log(), what="the spinning guest")
+        assert server.request("GET", "/")[0] == 200
+        assert not spinner.done(), "served only once the spinning guest was stopped"
+        assert spinner.result()[0] == 504
+
+
+def test_a_client_that_leaves_cancels_its_waiting_request(serve, upstream):
+    metrics_port = free_port()
+    server = serve("proxy", "-w", "1", "--metrics-bind", f"127.0.0.1:{metrics_port}",
+                   "--env", f"UPSTREAM={upstream}")
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"GET /slow?seconds=30&group=left HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: upstream_peak(upstream, "left") == 1, what="the guest waiting upstream")
+        assert in_flight(metrics_port) == 1
+    wait_until(lambda: in_flight(metrics_port) == 0, timeout=10, what="the call dropped")
+    assert "went away: the guest's call was dropped" in server.log()
+    assert server.request("GET", "/healthz")[0] == 200
+
+
+def test_requests_beyond_the_cap_wait_their_turn(serve, upstream):
+    server = serve("proxy", "-w", "1", "--max-concurrent-requests", "2",
+                   "--env", f"UPSTREAM={upstream}")
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(
+            lambda _: server.request("GET", "/slow?seconds=0.5&group=capped")[0], range(6)))
+    assert statuses == [200] * 6  # none refused, none failed
+    assert upstream_peak(upstream, "capped") == 2
+
+
+def test_the_request_timeout_ends_a_waiting_guest(serve, upstream):
+    server = serve("proxy", "--request-timeout", "1", "--env", f"UPSTREAM={upstream}")
+    status, _, body = server.request("GET", "/slow?seconds=10")
+    assert status == 504 and b"the request deadline passed while the guest waited" in body
