@@ -6,7 +6,8 @@
 The upstream is nginx on loopback with the echo module (bench/upstream.py): /slow answers
 after ``--delay`` seconds, and is not itself the bottleneck (one nginx worker answers thousands
 of such requests a second). Both servers run the reference guest (guest/proxy) with the default
-settings but workers; wrk loads them in turn. The table gives req/s with 32 and 256 clients,
+settings but workers; wrk loads them in turn, each after a warm-up with as many clients (so
+the instances they need exist). The table gives req/s with 32 and 256 clients,
 with instance reuse and with a fresh instance per request: at 32 clients against `wasmtime
 serve`, at 256 against wasisup's own rate in front of an instant upstream with 16 clients (what
 waiting costs it); errors are wrk's socket errors plus non-2xx answers.
@@ -37,6 +38,7 @@ from upstream import SLOW_PATH, nginx
 
 REUSE = 1000
 INSTANT = "/1k"
+WARM_UP_SECONDS = 2
 POOL_REGION = 1 << 30  # a mapping this big (virtual) is one of wasmtime's pool regions
 
 
@@ -50,6 +52,8 @@ def compare(proxy: Path, upstream: str, seconds: float, workers: int) -> list[tu
                         SLOW_PATH) as theirs_url):
             base = wrk(mine_url.replace(SLOW_PATH, INSTANT), seconds, connections=16)
             for clients in (32, 256):
+                for url in (mine_url, theirs_url):  # as many instances as clients, warm
+                    wrk(url, WARM_UP_SECONDS, connections=clients)
                 ours = wrk(mine_url, seconds, connections=clients)
                 wasmtime = wrk(theirs_url, seconds, connections=clients)
                 if clients == 32:
@@ -115,7 +119,7 @@ def _in_flight(metrics_port: int) -> int:
 def soak(proxy: Path, count: int, delay: float, workers: int) -> list[tuple[str, str]]:
     share = -(-count // workers) + 16
     port, metrics_port = free_port(), free_port()
-    with nginx({}, delay=delay) as upstream:
+    with nginx({"1k": 1024}, delay=delay) as upstream:
         argv = wasisup(port, proxy, workers=workers, env={"UPSTREAM": upstream.url},
                        options=("--max-concurrent-requests", str(share), "--worker-connections",
                                 str(share), "--backlog", str(count),

@@ -20,7 +20,7 @@ from typing import Iterator
 from harness import SetupError, free_port, server
 
 STATUS_PATH = "/nginx-status"
-SLOW_PATH = "/slow"  # with a delay: answers after it (the echo module's echo_sleep)
+SLOW_PATH = "/slow"  # with a delay: the first file, after it (the echo module's echo_sleep)
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"  # Debian's libnginx-mod-http-echo
 CONFIG = """\
 {modules}
@@ -82,15 +82,16 @@ class Nginx:
 @contextlib.contextmanager
 def nginx(files: dict[str, int], delay: float = 0.0) -> Iterator[Nginx]:
     """nginx serving ``files`` (name -> size in bytes) until the block ends; with a ``delay``
-    (seconds), also ``SLOW_PATH``, answered after it (the wait costs nginx no worker: one
-    answers thousands of such requests a second)."""
+    (seconds), also ``SLOW_PATH``: the first file, after the delay (the wait costs nginx no
+    worker: one answers thousands of such requests a second)."""
     executable = _nginx()
     modules = locations = ""
     if delay:
         if not os.path.exists(ECHO_MODULE):
             raise SetupError("nginx's echo module is missing (apt-get install libnginx-mod-http-echo)")
         modules = f"load_module {ECHO_MODULE};"
-        locations = f'        location = {SLOW_PATH} {{ echo_sleep {delay:g}; echo "slow upstream"; }}'
+        first = next(iter(files))
+        locations = f'        location = {SLOW_PATH} {{ echo_sleep {delay:g}; echo_exec /{first}; }}'
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="wasisup-bench-nginx-") as tmp:

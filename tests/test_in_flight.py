@@ -44,7 +44,7 @@ def test_a_computing_guest_does_not_stall_the_others_on_its_loop(serve):
 
 def test_a_client_that_leaves_cancels_its_waiting_request(serve, upstream):
     metrics_port = free_port()
-    server = serve("proxy", "-w", "1", "--metrics-bind", f"127.0.0.1:{metrics_port}",
+    server = serve("proxy", "-w", "1", "--log-level", "debug", "--metrics-bind", f"127.0.0.1:{metrics_port}",
                    "--env", f"UPSTREAM={upstream}")
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         client.sendall(b"GET /slow?seconds=30&group=left HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -2,7 +2,8 @@
 
 A small, explicit core in the way of asyncio's: ``watch`` an fd once for some events (epoll's
 one-shot mode: whoever watches re-arms), ``call_at`` a time, ``call_soon``; ``run_once`` waits
-for the first of them and runs what is due. Callbacks run on the loop's thread; only ``wake``
+for the first of them and runs what is due (ready work for a slice of time at most, so sockets
+are looked at often however long the queue). Callbacks run on the loop's thread; only ``wake``
 may be called from another.
 """
 
@@ -10,16 +11,31 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import select
 import time
 from collections import deque
 from typing import Callable, Optional
 
+log = logging.getLogger("wasisup.loop")
+
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 # The peer closed its side, or the connection failed (reported whatever was asked for).
 CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 COMPACT_EVERY = 4096  # timers set between clearing out the cancelled ones
+# The longest a loop runs ready work before it looks at its sockets and timers again (new
+# connections and requests are not kept waiting behind a long queue).
+SLICE = 0.005
+
+
+def _run(callback: Callable[..., None], *args: int) -> None:
+    """Run a callback; one that fails is a bug to log, not a reason to stop the loop (and the
+    requests on its other connections)."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("a callback of the event loop failed: %r", callback)
 
 
 class Timer:
@@ -69,8 +85,12 @@ class Loop:
         self._epoll.register(fd, IN | select.EPOLLEXCLUSIVE)
         self._registered.add(fd)
 
-    def forget(self, fd: int) -> None:
-        """Stop watching ``fd`` (before it is closed, or handed to another owner)."""
+    def forget(self, fd: int, watcher: Optional[Callable[[int], None]] = None) -> None:
+        """Stop watching ``fd`` (before it is closed, or handed to another owner); with a
+        ``watcher``, only if that is still what watches it (the fd's number may have passed
+        to another socket, and another owner, since)."""
+        if watcher is not None and self._watchers.get(fd) is not watcher:
+            return
         self._watchers.pop(fd, None)
         if fd in self._registered:
             self._registered.discard(fd)
@@ -117,14 +137,17 @@ class Loop:
                 continue
             callback = self._watchers.get(fd)
             if callback is not None:
-                callback(events)
+                _run(callback, events)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             timer = heapq.heappop(self._timers)[2]
             if timer.callback is not None:
                 self._soon.append(timer.callback)
+        started = time.monotonic()
         for _ in range(len(self._soon)):  # (what these schedule runs next time)
-            self._soon.popleft()()
+            _run(self._soon.popleft())
+            if time.monotonic() - started > SLICE:  # the rest after a look at the sockets
+                break
 
     def _drain_wakeups(self) -> None:
         try:

@@ -20,6 +20,7 @@ import logging
 import resource
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,8 +46,9 @@ POOL_CORE_INSTANCES_PER_COMPONENT = 64
 POOL_MEMORIES_PER_COMPONENT = 8
 POOL_TABLES_PER_COMPONENT = 8
 POOL_TABLE_ELEMENTS = 100_000
-# Idle instances a loop keeps for reuse (each holds its memory: a burst should not pin it all).
-IDLE_PER_LOOP = 16
+# How long an idle instance is kept for reuse (`wasmtime serve`'s --idle-instance-timeout):
+# after a burst, the instances it needed go as soon as they are not needed again.
+IDLE_INSTANCE_TIMEOUT = 1.0
 
 
 class GuestTrap(Exception):
@@ -93,6 +95,7 @@ class Guest:
         self.uses = 0
         self.healthy = True
         self.running_since: Optional[float] = None  # in wasm since (None: not running)
+        self.idle_since = 0.0
         try:
             instance = capi.instantiate(runtime.linker, self.store, runtime.component,
                                         self._starting_up)
@@ -174,11 +177,17 @@ class Guest:
         self.context.waiter.deadline = None
         self.context.end_request()
 
-    def on_epoch_deadline(self) -> Optional[str]:
-        """At an epoch tick while wasm runs: why it must stop, if it must (else it yields)."""
-        if time.monotonic() >= self._limit_at:
-            return "epoch interrupt"
-        return None
+    def on_epoch_deadline(self) -> tuple[int, Optional[str]]:
+        """At an epoch tick while wasm runs: yield (it has had a tick's run: the other guests
+        of the loop go first), go on (it was resumed just now, after a tick its previous turn
+        ran into), or stop, and why."""
+        now = time.monotonic()
+        if now >= self._limit_at:
+            return capi.UPDATE_DEADLINE_CONTINUE, "epoch interrupt"
+        running = self.running_since
+        if running is not None and now - running < EPOCH_TICK / 2:
+            return capi.UPDATE_DEADLINE_CONTINUE, None
+        return capi.UPDATE_DEADLINE_YIELD, None
 
     def _trap(self, message: str) -> GuestTrap:
         if DEADLINE_EXCEEDED in message:
@@ -208,17 +217,16 @@ _GUESTS: dict[int, Guest] = {}
 def _ON_EPOCH_DEADLINE(context: Any, data: Any, delta: Any, kind: Any) -> int:
     """wasmtime's epoch-deadline callback: yield to the loop until the next tick, or stop the
     guest (a wasmtime error, which traps it)."""
+    stop = None
     delta[0] = 1  # (set first: the next tick is armed whatever happens below)
-    kind[0] = capi.UPDATE_DEADLINE_YIELD
+    kind[0] = capi.UPDATE_DEADLINE_CONTINUE
     try:
         guest = _GUESTS.get(ctypes.cast(context, ctypes.c_void_p).value)
-        stop = guest.on_epoch_deadline() if guest is not None else None
+        if guest is not None:
+            kind[0], stop = guest.on_epoch_deadline()
     except Exception as exc:  # (an exception must not cross into wasmtime)
         stop = f"the epoch callback failed: {exc!r}"
-    if stop is not None:
-        kind[0] = capi.UPDATE_DEADLINE_CONTINUE
-        return capi.new_error(stop)
-    return 0
+    return capi.new_error(stop) if stop is not None else 0
 
 
 def _trap_message(error: WasmtimeError) -> str:
@@ -232,8 +240,8 @@ def _trap_message(error: WasmtimeError) -> str:
 class Runtime:
     """Loads a compiled component once per process and hands out guest instances.
 
-    ``instances`` is how many may be alive at once (the requests a worker holds, and the idle
-    ones its loops keep): the pooling allocator is sized for it.
+    ``instances`` is how many may be alive at once (the requests a worker holds, and one
+    prepared per loop): the pooling allocator is sized for it.
     """
 
     def __init__(self, cwasm: Path, env: list[tuple[str, str]], outbound: Any,
@@ -248,7 +256,7 @@ class Runtime:
         self.max_memory = max_memory
         self.metrics = metrics
         self._local = threading.local()
-        self._all_idle: list[list[Guest]] = []  # every loop's idle list, for close()
+        self._all_idle: list[deque[Guest]] = []  # every loop's idle instances, for close()
         self._running: set[Guest] = set()
         self._lock = threading.Lock()
         try:
@@ -284,7 +292,7 @@ class Runtime:
                            "build it for the wasi:http/proxy world")
 
     def acquire(self) -> Guest:
-        """An instance for one request: an idle one of this loop's, else a new one.
+        """An instance for one request: the one this loop used last, else a new one.
 
         Idle instances are kept per loop (thread): a Store that stays on one thread stays in
         that core's caches (moving it between threads doubles a small request's cost).
@@ -296,14 +304,22 @@ class Runtime:
 
     def release(self, guest: Guest) -> None:
         """A request is done with ``guest``: kept for the next while healthy and under the
-        reuse limit (and the loop's idle list has room), else closed."""
+        reuse limit, else closed."""
         self._running.discard(guest)
         guest.end()
-        idle = self._idle_here()
-        if guest.healthy and guest.uses < self.max_instance_reuse and len(idle) < IDLE_PER_LOOP:
-            idle.append(guest)
+        if guest.healthy and guest.uses < self.max_instance_reuse:
+            guest.idle_since = time.monotonic()
+            self._idle_here().append(guest)
         else:
             guest.close()
+
+    def trim(self) -> None:
+        """Close this loop's instances idle for longer than ``IDLE_INSTANCE_TIMEOUT`` but the
+        last one (the next request's)."""
+        idle = self._idle_here()
+        cutoff = time.monotonic() - IDLE_INSTANCE_TIMEOUT
+        while len(idle) > 1 and idle[0].idle_since < cutoff:  # (the oldest come first)
+            idle.popleft().close()
 
     def prepare(self) -> None:
         """Have an instance ready for this loop's next request (it has nothing else to do, so
@@ -329,10 +345,10 @@ class Runtime:
         return max((now - since for guest in list(self._running)
                     if (since := guest.running_since) is not None), default=0.0)
 
-    def _idle_here(self) -> list[Guest]:
+    def _idle_here(self) -> deque[Guest]:
         idle = getattr(self._local, "idle", None)
         if idle is None:
-            idle = self._local.idle = []
+            idle = self._local.idle = deque()
             with self._lock:
                 self._all_idle.append(idle)
         return idle

@@ -26,7 +26,7 @@ from .http.outbound_policy import OutboundPolicy
 from .http.request_head import Limits
 from .http.server import Server
 from .compile import CompileError
-from .runtime import IDLE_PER_LOOP, Runtime
+from .runtime import Runtime
 from .wasi.linker import LinkError
 
 
@@ -68,7 +68,7 @@ class WasmWorker(Worker):
                               max_instance_reuse=cfg.max_instance_reuse,
                               request_timeout=cfg.request_timeout, max_memory=cfg.max_memory,
                               compute_timeout=self.compute_timeout,
-                              instances=cfg.max_concurrent_requests + cfg.threads * (IDLE_PER_LOOP + 1),
+                              instances=cfg.max_concurrent_requests + 2 * cfg.threads,
                               metrics=stats)
         except (CompileError, LinkError) as exc:
             # The master checked the component; if it still fails here, respawning won't help.
@@ -84,7 +84,8 @@ class WasmWorker(Worker):
         self.server = Server([s.sock for s in self.sockets], handler, threads=cfg.threads,
                              limits=limits, worker_connections=cfg.worker_connections,
                              max_in_flight=cfg.max_concurrent_requests,
-                             on_tick=self._tick, on_idle=runtime.prepare)
+                             on_tick=self._tick, on_idle=runtime.prepare,
+                             on_sweep=runtime.trim, workers=cfg.workers)
         self.runtime, self.outbound = runtime, outbound
         self.log.info("Worker ready: %s, %d event loop%s, up to %d requests at once",
                       self.app.component_name, cfg.threads, "s"[:cfg.threads > 1],

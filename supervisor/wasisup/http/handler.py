@@ -371,7 +371,7 @@ class GuestCall:
     def cancel(self) -> None:
         """The client went away: drop the guest's call wherever it waits; nothing more is sent."""
         self.guest.cancel()
-        log.info("[%s] %s went away: the guest's call was dropped", self.request_id,
+        log.debug("[%s] %s went away: the guest's call was dropped", self.request_id,
                  _peer(self.conn))
         self.writer.client_gone = True
         self.writer.abort()

@@ -10,9 +10,13 @@ closes politely. Wasm runs with the GIL released, so a worker's loops run guests
 
 Admission: a worker holds at most ``max_in_flight`` guest calls (each loop its share); a
 complete request beyond that waits its turn, in order, with its connection (never a 500 for a
-full pool). A loop accepts while it has no guest ready to run (so an idle worker takes new
-connections first) and room under its shares; one that stays busy takes one more connection
-now and then, so none waits for a moment of idleness that may not come.
+full pool). A loop listens while it has room under its shares.
+
+Balance: every loop of every worker watches the same listening sockets, and the kernel wakes
+one that is idle when a connection comes. A loop that already holds connections, or has guests
+ready to run, leaves a new one to the others for a moment that grows with its load (at most
+``ACCEPT_DELAY_MAX``) and takes it if it is still there then: so connections go to the least
+loaded loop, and none waits for a moment of idleness that may not come.
 
 A graceful stop accepts what is already in the backlog, then stops listening; requests already
 on a connection or arriving on it are answered with ``Connection: close``; idle connections are
@@ -40,7 +44,11 @@ from .request_head import BadRequest, Limits, RequestHead
 log = logging.getLogger("wasisup.server")
 
 SWEEP_INTERVAL = 0.25  # how often deadlines are checked (head, keep-alive, slow clients)
-OVERFLOW_ACCEPT_INTERVAL = 0.2  # see ServerLoop._overflow_turn
+# How long a loop leaves a new connection to the others: per connection it holds, if it has
+# guests ready to run, and at most.
+ACCEPT_DELAY_PER_CONNECTION = 0.001
+ACCEPT_DELAY_BUSY = 0.005
+ACCEPT_DELAY_MAX = 0.010
 CLOSE_DRAIN_TIME = 2.0  # reading and dropping what a client still sends after we close
 TICK_INTERVAL = 1.0
 MAX_WAIT = 1.0  # the longest a loop sleeps without looking at its stop flag
@@ -52,12 +60,15 @@ class Server:
     def __init__(self, listeners: list[socket.socket], handler: GuestHandler, threads: int = 1,
                  limits: Limits = Limits(), worker_connections: int = 1000,
                  max_in_flight: int = 1000, on_tick: Optional[Callable[[], None]] = None,
-                 on_idle: Optional[Callable[[], None]] = None) -> None:
+                 on_idle: Optional[Callable[[], None]] = None,
+                 on_sweep: Optional[Callable[[], None]] = None, workers: int = 1) -> None:
         self.listeners = listeners
+        self.alone = workers * threads == 1  # no other loop to leave connections to
         self.handler = handler
         self.limits = limits
         self.on_tick = on_tick  # the first loop calls it every second (the worker's heartbeat)
         self.on_idle = on_idle  # a loop calls it when a request is done and it has nothing to do
+        self.on_sweep = on_sweep  # each loop calls it every SWEEP_INTERVAL
         self.stopping = False
         self.drain_deadline = math.inf
         self._listening = threads  # loops still listening (the last one closes the sockets)
@@ -118,8 +129,8 @@ class ServerLoop:
         self.queued: deque[tuple[Connection, RequestHead]] = deque()  # waiting for admission
         self._waits: dict[GuestCall, _Wait] = {}  # what each suspended call waits for
         self._accepting = False
-        self._busy_since = math.inf  # guests ready to run since (inf: none)
-        self._last_overflow = 0.0  # when a connection was last taken while busy
+        self._deferred_at = -math.inf  # when the loop last left a new connection to the others
+        self._listen_after = 0.0  # ... and until when
         self._draining = False
         self._idle_work = False  # a request ended since the loop last had nothing to do
 
@@ -157,12 +168,15 @@ class ServerLoop:
 
     # -- accepting
     def _accept(self, listener: socket.socket, events: int) -> None:
-        """Take one connection (the next readiness brings the next, so the loops and workers
-        with nothing to do take turns at them)."""
-        if not self._can_accept():
+        """Take a new connection, unless this loop should leave it to a less loaded one for a
+        while first (it stops listening meanwhile). One at a time: the listener stays readable
+        while more wait, and the next may be for another loop."""
+        now = time.monotonic()
+        delay = self._accept_delay()
+        if delay and now - self._deferred_at > 2 * ACCEPT_DELAY_MAX:  # (not just back from one)
+            self._deferred_at, self._listen_after = now, now + delay
+            self.loop.call_at(self._listen_after, self._update_accepting)
             return
-        if self.loop.busy:
-            self._last_overflow = time.monotonic()
         try:
             sock, peer = listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -172,8 +186,7 @@ class ServerLoop:
                 log.error("accept failed: %s", exc)
                 return
             raise
-        conn = self._adopt(sock, peer)
-        self._read_head(conn)  # the head often arrives with the connection
+        self._read_head(self._adopt(sock, peer))  # the head often arrives with the connection
 
     def _adopt(self, sock: socket.socket, peer: object) -> Connection:
         conn = Connection(sock, peer, self.limits)
@@ -182,23 +195,17 @@ class ServerLoop:
             conn.must_close = True
         return conn
 
-    def _can_accept(self) -> bool:
-        if (self.server.stopping or len(self.connections) >= self.max_connections
-                or len(self.calls) >= self.max_calls):
-            return False
-        return not self.loop.busy or time.monotonic() >= self._overflow_turn()
+    def _accept_delay(self) -> float:
+        if self.server.alone:
+            return 0.0
+        delay = len(self.connections) * ACCEPT_DELAY_PER_CONNECTION
+        return min(ACCEPT_DELAY_MAX, delay + (ACCEPT_DELAY_BUSY if self.loop.busy else 0.0))
 
-    def _overflow_turn(self) -> float:
-        """When a loop that stays busy (guests ready to run, one after the other) may take one
-        more connection anyway: with every loop busy, a connection in the backlog would
-        otherwise wait for a moment no loop happens to be idle, which under load may not come."""
-        return max(self._busy_since, self._last_overflow) + OVERFLOW_ACCEPT_INTERVAL
+    def _can_accept(self) -> bool:
+        return not (self.server.stopping or len(self.connections) >= self.max_connections
+                    or len(self.calls) >= self.max_calls or time.monotonic() < self._listen_after)
 
     def _update_accepting(self) -> None:
-        if not self.loop.busy:
-            self._busy_since = math.inf
-        elif self._busy_since == math.inf:
-            self._busy_since = time.monotonic()
         if self._can_accept() != self._accepting:
             self._accepting = not self._accepting
             for listener in self.server.listeners:
@@ -287,6 +294,7 @@ class ServerLoop:
         """Enforce the deadlines of the connections the loop holds."""
         now = time.monotonic()
         self.loop.call_at(now + SWEEP_INTERVAL, self._sweep)
+        self._run_hook(self.server.on_sweep)
         for conn in list(self.connections.values()):
             state = conn.state
             if state == "head":
@@ -307,18 +315,22 @@ class ServerLoop:
 
     # -- guest calls
     def _dispatch(self, conn: Connection, request: RequestHead) -> None:
-        """A complete request: its guest call starts now if the loop has room, else in turn."""
+        """A complete request: its guest call starts next if the loop has room (after the
+        work already waiting to run), else in turn."""
         conn.state = "request"
         if self.server.stopping:
             conn.must_close = True
         if len(self.calls) < self.max_calls:
-            self._begin(conn, request)
+            self._admit(conn, request)
         else:
             self.queued.append((conn, request))
 
-    def _begin(self, conn: Connection, request: RequestHead) -> None:
+    def _admit(self, conn: Connection, request: RequestHead) -> None:
         call = GuestCall(self.handler, conn, request)
         self.calls[conn] = call
+        self.loop.call_soon(functools.partial(self._begin, call))
+
+    def _begin(self, call: GuestCall) -> None:
         if call.start():
             self._step(call)
         else:
@@ -341,15 +353,15 @@ class ServerLoop:
         for fd, events in interests:
             wanted[fd] = wanted.get(fd, 0) | events
         previous = self._waits.get(call)
-        wait = self._waits[call] = _Wait(set(wanted))
-        if previous is not None:
-            for fd in previous.fds - wait.fds:
-                self.loop.forget(fd)
+        wait = self._waits[call] = _Wait()
         for fd, events in wanted.items():
             mask = (IN if events & READABLE else 0) | (OUT if events & WRITABLE else 0)
             if fd == call.conn.fd:
                 mask |= CLOSED
-            self.loop.watch(fd, mask, functools.partial(self._wake, call, wait, fd))
+            wait.watchers[fd] = functools.partial(self._wake, call, wait, fd)
+            self.loop.watch(fd, mask, wait.watchers[fd])
+        if previous is not None:
+            self._unwatch(previous)
         if wake_at is not None:
             wait.timer = self.loop.call_at(wake_at / 1e9,
                                            functools.partial(self._wake, call, wait, -1, 0))
@@ -373,12 +385,18 @@ class ServerLoop:
         del self.calls[conn]
         wait = self._waits.pop(call, None)
         if wait is not None:
-            for fd in wait.fds - {conn.fd}:
-                self.loop.forget(fd)
+            self._unwatch(wait, keep=conn.fd)
         self._idle_work = True
         self._flush(conn)
         while self.queued and len(self.calls) < self.max_calls:
-            self._begin(*self.queued.popleft())
+            self._admit(*self.queued.popleft())
+
+    def _unwatch(self, wait: "_Wait", keep: int = -1) -> None:
+        """Stop watching the sockets of a wait that is over (those no other owner watches
+        now: an upstream connection may since have gone to another call)."""
+        for fd, watcher in wait.watchers.items():
+            if fd != keep:
+                self.loop.forget(fd, watcher)
 
     # -- stopping
     def _start_drain(self) -> None:
@@ -416,11 +434,11 @@ class ServerLoop:
 
 
 class _Wait:
-    """One suspension of a guest call: the sockets it watches and its deadline's timer."""
+    """One suspension of a guest call: what watches its sockets, and its deadline's timer."""
 
-    __slots__ = ("fds", "timer", "done")
+    __slots__ = ("watchers", "timer", "done")
 
-    def __init__(self, fds: set[int]) -> None:
-        self.fds = fds
+    def __init__(self) -> None:
+        self.watchers: dict[int, Callable[[int], None]] = {}
         self.timer: Optional[Timer] = None
         self.done = False

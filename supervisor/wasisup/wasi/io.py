@@ -48,9 +48,20 @@ class Waiter:
         self.interests: Optional[list[Interest]] = None
         self.wake_at: Optional[int] = None
 
-    def sleep(self, interests: list[Interest], deadline: Optional[int]) -> Waits:
+    def sleep(self, sources: list["Readiness"]) -> Waits:
+        """Wait for the first of ``sources`` to be ready (unless the hooks, which may make
+        progress, made one so)."""
         for hook in list(self.before_sleep):
             hook()
+        if any(source.ready() for source in sources):
+            return
+        interests, deadline = [], None  # (what the sources wait for now, after the hooks)
+        for source in sources:
+            interest, when = _wait_terms(source)
+            if interest is not None:
+                interests.append(interest)
+            if when is not None:
+                deadline = when if deadline is None else min(deadline, when)
         if self.deadline is not None:
             if time.monotonic_ns() >= self.deadline:
                 raise Trap(DEADLINE_EXCEEDED)
@@ -97,14 +108,7 @@ def wait_any(sources: list[Readiness], waiter: Waiter) -> Waits:
         ready = [i for i, source in enumerate(sources) if source.ready()]
         if ready:
             return ready
-        interests, deadline = [], None
-        for source in sources:
-            interest, when = _wait_terms(source)
-            if interest is not None:
-                interests.append(interest)
-            if when is not None:
-                deadline = when if deadline is None else min(deadline, when)
-        yield from waiter.sleep(interests, deadline)
+        yield from waiter.sleep(sources)
 
 
 def poll(store: Any, pollables: list[Pollable]) -> Waits:
