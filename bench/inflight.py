@@ -1,7 +1,7 @@
 """Requests in flight: wasisup vs `wasmtime serve` in front of an upstream that answers late.
 
     python bench/inflight.py [--seconds 5] [--delay 0.05] [--workers 2]
-    python bench/inflight.py --soak 5000 [--soak-delay 5]
+    python bench/inflight.py --soak 5000 [--soak-delay 9]
 
 The upstream is nginx on loopback with the echo module (bench/upstream.py): /slow answers
 after ``--delay`` seconds, and is not itself the bottleneck (one nginx worker answers thousands
@@ -15,8 +15,9 @@ waiting costs it); errors are wrk's socket errors plus non-2xx answers.
 ``--soak N`` sends N requests at once, each on its own connection, to wasisup in front of an
 upstream that answers after ``--soak-delay`` seconds, and reports how many were answered 200,
 the most in flight at once (the workers' own count) and what the workers' memory grew by per
-waiting request: all of it, and split into wasmtime's pool (guest memories, tables, fiber
-stacks) and the rest (the host: Python objects, sockets, buffers).
+waiting request: all of it, what an idle instance of the guest costs alone (measured here, in a
+pool of the same size), and the rest: what the request itself holds (the pages its guest wrote,
+the host's buffers and objects).
 
 This machine is noisy: compare the ratio column, not absolute numbers between runs.
 """
@@ -27,7 +28,9 @@ import argparse
 import asyncio
 import os
 import re
+import sys
 import time
+import tracemalloc
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -39,7 +42,6 @@ from upstream import SLOW_PATH, nginx
 REUSE = 1000
 INSTANT = "/1k"
 WARM_UP_SECONDS = 2
-POOL_REGION = 1 << 30  # a mapping this big (virtual) is one of wasmtime's pool regions
 
 
 def compare(proxy: Path, upstream: str, seconds: float, workers: int) -> list[tuple[str, ...]]:
@@ -95,19 +97,34 @@ def _workers(master: int) -> list[int]:
 
 
 def _memory(pids: list[int]) -> dict[str, int]:
-    """kB over ``pids``: Pss and private dirty in all, and private dirty in pool regions."""
-    total = {"pss": 0, "dirty": 0, "pool": 0}
+    """kB over ``pids``: Pss, and private dirty memory."""
+    total = {"pss": 0, "dirty": 0}
     for pid in pids:
         rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         total["pss"] += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))
         total["dirty"] += int(re.search(r"^Private_Dirty:\s+(\d+)", rollup, re.M).group(1))
-        size = 0
-        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-            if line.startswith("Size:"):
-                size = int(line.split()[1]) * 1024
-            elif line.startswith("Private_Dirty:") and size >= POOL_REGION:
-                total["pool"] += int(line.split()[1])
     return total
+
+
+def idle_instance_cost(proxy: Path, instances: int, count: int = 200) -> tuple[float, float]:
+    """kB of private dirty memory per idle instance of ``proxy`` (made here, in a pool sized as
+    the workers' is), and kB of Python objects among it."""
+    sys.path.insert(0, str(ROOT / "supervisor"))
+    from wasisup.compile import prepare
+    from wasisup.runtime import Guest, Runtime
+
+    runtime = Runtime(prepare(proxy).cwasm, [("UPSTREAM", "http://127.0.0.1:9")], None,
+                      instances=instances)
+    before = _memory([os.getpid()])["dirty"]
+    tracemalloc.start()
+    guests = [Guest(runtime) for _ in range(count)]
+    python = sum(stat.size for stat in tracemalloc.take_snapshot().statistics("filename"))
+    tracemalloc.stop()
+    added = _memory([os.getpid()])["dirty"] - before
+    for guest in guests:
+        guest.close()
+    runtime.close()
+    return added / count, python / 1024 / count
 
 
 def _in_flight(metrics_port: int) -> int:
@@ -146,9 +163,13 @@ def soak(proxy: Path, count: int, delay: float, workers: int) -> list[tuple[str,
             elapsed = time.monotonic() - started
     ok = sum(1 for outcome in outcomes if outcome == 200)
     waiting = max(peak_in_flight, 1)
+    instance, python = idle_instance_cost(proxy, share + 2)
+
+    def added(key: str) -> float:
+        return (during[key] - before[key]) / waiting
 
     def per_request(key: str) -> str:
-        return f"{(during[key] - before[key]) / waiting:,.0f} kB"
+        return f"{added(key):,.0f} kB"
 
     return [
         ("requests sent at once", f"{count:,}"),
@@ -160,9 +181,10 @@ def soak(proxy: Path, count: int, delay: float, workers: int) -> list[tuple[str,
         ("workers' Pss before / at the peak", f"{before['pss'] / 1024:,.0f} / {during['pss'] / 1024:,.0f} MB"),
         ("added per waiting request: Pss", per_request("pss")),
         ("added per waiting request: private dirty", per_request("dirty")),
-        ("  of which in wasmtime's pool (guest memory, tables, stacks)", per_request("pool")),
-        ("  of which the rest (the host)",
-         f"{((during['dirty'] - during['pool']) - (before['dirty'] - before['pool'])) / waiting:,.0f} kB"),
+        ("  an idle instance of the guest (made apart, same pool)",
+         f"{instance:,.0f} kB (of which Python objects {python:,.1f} kB)"),
+        ("  the request: pages its guest wrote, host buffers and objects",
+         f"{added('dirty') - instance:,.0f} kB"),
     ]
 
 
@@ -190,8 +212,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="wasisup -w")
     parser.add_argument("--soak", type=int, metavar="N",
                         help="only send N requests at once and report what they cost")
-    parser.add_argument("--soak-delay", type=float, default=5.0,
-                        help="seconds the upstream takes to answer in the soak")
+    parser.add_argument("--soak-delay", type=float, default=9.0,
+                        help="seconds the upstream takes to answer in the soak (the reference "
+                             "guest gives up after 10; starting 5,000 fresh guests takes "
+                             "~10 s of this machine's CPU, so with less they overlap less)")
     args = parser.parse_args()
     if args.soak and args.soak < 1:
         raise SystemExit("bench: error: --soak takes a whole number of at least 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from typing import Callable
 
@@ -12,6 +13,7 @@ from wasmtime.component import Component, ComponentInstanceType, FuncType, Linke
 from conftest import guest
 from wasisup import capi
 from wasisup.compile import engine_config, prepare
+from wasisup import runtime as runtime_module
 from wasisup.runtime import Runtime
 from wasisup.wasi import abi
 from wasisup.wasi.abi import Err, Ok
@@ -38,6 +40,16 @@ def test_every_import_is_provided_at_its_version(name, version, at_least):
         interface = INTERFACES[split_version(name)[0]]
         for function in functions:
             assert function in interface.functions or interface.default is not None, (name, function)
+    runtime.close()
+
+
+def test_a_component_beyond_the_pools_bounds_gets_instances_on_demand(monkeypatch, caplog):
+    monkeypatch.setattr(runtime_module, "POOL_TABLES_PER_COMPONENT", 1)  # it has 2
+    caplog.set_level(logging.INFO, logger="wasisup.runtime")
+    runtime = Runtime(prepare(guest("hello")).cwasm, [], None)
+    runtime.release(runtime.acquire())
+    assert "exceeds the configured maximum of 1 in the pooling allocator" in caplog.text
+    assert "allocated on demand" in caplog.text
     runtime.close()
 
 

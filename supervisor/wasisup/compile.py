@@ -154,6 +154,8 @@ def load(engine: Engine, path: Path) -> Component:
     try:
         return Component.deserialize_file(engine, str(path))
     except WasmtimeError as exc:
+        if "pooling allocator" in str(exc):  # beyond the engine's pool: the caller's to handle
+            raise
         raise CompileError(
             f"{path} was precompiled for another wasmtime or other engine settings "
             f"({_root_cause(exc)}); this is wasmtime {WASMTIME_VERSION} with {ENGINE_SETTINGS}: "

@@ -39,13 +39,17 @@ log = logging.getLogger("wasisup.runtime")
 
 HANDLER_INTERFACE = "wasi:http/incoming-handler"
 EPOCH_TICK = 0.05  # seconds per engine epoch: how often a computing guest yields; the limits' resolution
-# Per-component bounds of the pooling allocator: roomy for what toolchains emit today
-# (componentize-py: a few dozen core instances, a handful of memories and tables). A
-# component beyond them is served with on-demand allocation instead.
-POOL_CORE_INSTANCES_PER_COMPONENT = 64
-POOL_MEMORIES_PER_COMPONENT = 8
-POOL_TABLES_PER_COMPONENT = 8
+# Per-component bounds of the pooling allocator, above what toolchains emit today
+# (componentize-py: 14 core instances, 1 memory, 2 tables; jco: 4, 1, 2). A component beyond
+# them is served with on-demand allocation instead, as is a pool too big to reserve.
+POOL_CORE_INSTANCES_PER_COMPONENT = 32
+POOL_MEMORIES_PER_COMPONENT = 2
+POOL_TABLES_PER_COMPONENT = 4
 POOL_TABLE_ELEMENTS = 100_000
+# Each pooled memory reserves wasmtime's default 4 GiB plus a 32 MiB guard of address space;
+# the pool may take this much of the 128 TiB a process has (wasmtime aborts if it cannot).
+POOL_MEMORY_SLOT = (4 << 30) + (32 << 20)
+POOL_ADDRESS_SPACE = 32 << 40
 # How long an idle instance is kept for reuse (`wasmtime serve`'s --idle-instance-timeout):
 # after a burst, the instances it needed go as soon as they are not needed again.
 IDLE_INSTANCE_TIMEOUT = 1.0
@@ -60,7 +64,12 @@ class GuestTrap(Exception):
 
 
 def pooling_config(instances: int) -> Config:
-    """``engine_config()`` with wasmtime's pooling allocator, for ``instances`` live instances."""
+    """``engine_config()`` with wasmtime's pooling allocator, for ``instances`` live instances
+    (WasmtimeError if its memories would not fit ``POOL_ADDRESS_SPACE``)."""
+    reserved = instances * POOL_MEMORIES_PER_COMPONENT * POOL_MEMORY_SLOT
+    if reserved > POOL_ADDRESS_SPACE:
+        raise WasmtimeError(f"a pool for {instances} instances would reserve "
+                            f"{reserved >> 40} TiB of address space")
     return capi.pooling_config(
         engine_config(),
         total_component_instances=instances,
@@ -263,8 +272,8 @@ class Runtime:
             if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
                 # The pool reserves address space up front: under a limit, wasmtime would abort.
                 raise WasmtimeError("the address space is limited (ulimit -v)")
-            self._load(cwasm, pooling_config(instances))
-            Guest(self).close()  # a component beyond the pool's bounds fails here
+            self._load(cwasm, pooling_config(instances))  # one beyond its bounds fails here
+            Guest(self).close()
         except (WasmtimeError, GuestTrap) as exc:
             log.info("%s: guest instances are allocated on demand instead of from a pool",
                      str(exc).splitlines()[0])

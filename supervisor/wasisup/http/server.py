@@ -49,6 +49,7 @@ SWEEP_INTERVAL = 0.25  # how often deadlines are checked (head, keep-alive, slow
 ACCEPT_DELAY_PER_CONNECTION = 0.001
 ACCEPT_DELAY_BUSY = 0.005
 ACCEPT_DELAY_MAX = 0.010
+ACCEPT_BATCH = 8  # connections a loop takes at once when they waited for it
 CLOSE_DRAIN_TIME = 2.0  # reading and dropping what a client still sends after we close
 TICK_INTERVAL = 1.0
 MAX_WAIT = 1.0  # the longest a loop sleeps without looking at its stop flag
@@ -168,25 +169,29 @@ class ServerLoop:
 
     # -- accepting
     def _accept(self, listener: socket.socket, events: int) -> None:
-        """Take a new connection, unless this loop should leave it to a less loaded one for a
-        while first (it stops listening meanwhile). One at a time: the listener stays readable
-        while more wait, and the next may be for another loop."""
+        """Take new connections, unless this loop should leave them to a less loaded one for a
+        while first (it stops listening meanwhile). An idle loop takes one at a time (the
+        listener stays readable while more wait, and the next may be for another loop); one
+        back from leaving them takes a few (they waited for it)."""
         now = time.monotonic()
         delay = self._accept_delay()
         if delay and now - self._deferred_at > 2 * ACCEPT_DELAY_MAX:  # (not just back from one)
             self._deferred_at, self._listen_after = now, now + delay
             self.loop.call_at(self._listen_after, self._update_accepting)
             return
-        try:
-            sock, peer = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("accept failed: %s", exc)
+        for _ in range(ACCEPT_BATCH if delay else 1):
+            if not self._can_accept():
                 return
-            raise
-        self._read_head(self._adopt(sock, peer))  # the head often arrives with the connection
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s", exc)
+                    return
+                raise
+            self._read_head(self._adopt(sock, peer))  # the head often arrives with it
 
     def _adopt(self, sock: socket.socket, peer: object) -> Connection:
         conn = Connection(sock, peer, self.limits)
