@@ -1,13 +1,15 @@
 # Developer front door: `make serve` sets everything up and serves the reference guest (in the
 # foreground: Ctrl-C stops it); `make test` runs the test suite. Both start from a fresh machine.
+# `make upstream` runs an echo upstream for the guest to proxy to.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-UPSTREAM ?= http://127.0.0.1:9000
+UPSTREAM_PORT ?= 9000
+UPSTREAM ?= http://127.0.0.1:$(UPSTREAM_PORT)
 BIND ?= 127.0.0.1:8080
 WORKERS ?= 2
 
-.PHONY: setup guest serve test test-deploy bench
+.PHONY: setup guest serve upstream test test-deploy bench
 
 $(BIN)/wasisup: pyproject.toml setup.py supervisor/wasisup/wasi/_hostcall.c
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,9 @@ serve: guest
 	@echo "serving the reference guest on http://$(BIND) (upstream $(UPSTREAM)); Ctrl-C stops it"
 	$(BIN)/wasisup -w $(WORKERS) -b $(BIND) --env UPSTREAM=$(UPSTREAM) build/proxy.wasm
 
+upstream:
+	$(PYTHON) guest/echo_upstream.py --port $(UPSTREAM_PORT)
+
 test: setup
 	$(BIN)/python -m pytest -q tests
 
@@ -33,3 +38,4 @@ test-deploy: setup
 bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/inflight.py

@@ -8,7 +8,6 @@ difference between the columns is the host-call path.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Callable
 from wasmtime import Engine, Store
 from wasmtime.component import Component, Linker
 
+from wasisup import capi
 from wasisup.compile import engine_config
 from wasisup.wasi import abi
 from wasisup.wasi.context import WasiContext
@@ -54,9 +54,10 @@ def _instance(component: Component, engine: Engine, fast: bool):
     store = Store(engine)
     store.set_epoch_deadline(1 << 62)
     context = WasiContext([], None)
-    abi.STORES[ctypes.cast(store._context(), ctypes.c_void_p).value] = context
-    instance = linker.instantiate(store, component)
-    return store, instance.get_func(store, "run")
+    abi.STORES[capi.context_address(store)] = context
+    instance = capi.instantiate(linker, store, component, lambda: None)
+    func = instance.get_func(store, "run")
+    return store, lambda store, *args: capi.call(func, store, *args)
 
 
 def measure(component: Component, engine: Engine, fast: bool, op: str, size: int,

@@ -2,12 +2,12 @@
 
     python bench/request_cost.py [--requests 3000] [--guest hello]
 
-One request thread's work, in this process: a real socket pair stands for the client, the
+One event loop's work for one request, in this process: a real socket pair stands for the client, the
 request goes through the same code a worker runs (head read and checked, guest run, response
 framed and sent, the connection readied for the next request), with the guest instance reused.
 The guest's time is split into the host functions' Python and the rest (wasm, wasmtime's C
 API, the C trampoline converting arguments and results); the client's own work is left out.
-The server loop's part (epoll, hand-off between threads) is not in here: it is the difference
+The server loop's part (epoll, scheduling) is not in here: it is the difference
 to the CPU per request `bench/proxy.py` and `bench/run.py` see under load. The last row is the
 resident memory the process kept per request (a guest's own heap grows a little while one
 instance serves thousands of requests).
@@ -55,7 +55,7 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
     from wasisup.compile import prepare
     from wasisup.http.client import OutboundClient
     from wasisup.http.connection import Connection
-    from wasisup.http.handler import GuestHandler
+    from wasisup.http.handler import GuestCall, GuestHandler
     from wasisup.http.request_head import Limits
     from wasisup.runtime import Guest, Runtime
     from wasisup.wasi import abi
@@ -66,8 +66,16 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
                       metrics=stats)
     for function in abi.FUNCTIONS:
         function.func = clock.wrap("guest: host functions", function.func)
-    Guest.handle = clock.wrap("guest", Guest.handle)
-    handler = clock.wrap("handler", GuestHandler(runtime, metrics=stats))
+    Guest.poll = clock.wrap("guest", Guest.poll)  # (the guest runs in the call future's polls)
+    handler = GuestHandler(runtime, metrics=stats)
+
+    def serve(conn, head) -> None:
+        call = GuestCall(handler, conn, head)
+        assert call.start()
+        while not call.step():  # (the hello guest never waits: its first step ends it)
+            pass
+
+    serve = clock.wrap("handler", serve)
     server_end, client = socket.socketpair()
     conn = Connection(server_end, None, Limits())
     read_head = clock.wrap("read and check the head", conn.read_head)
@@ -80,7 +88,7 @@ def measure(wasm, requests: int) -> list[tuple[str, str, str]]:
         head = None
         while head is None:
             head = read_head()
-        handler(conn, head)
+        serve(conn, head)
         assert finish()
         client.recv(1 << 16)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -24,6 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "tests" / "guests"
+sys.path.insert(0, str(ROOT / "guest"))
+from echo_upstream import EchoHandler  # noqa: E402  (the upstream README's Quick start uses)
 
 
 def _load_builder():
@@ -240,25 +241,32 @@ def wasmtime_serve_argv(component: Path, *args: str) -> Callable[[int], list[str
                          *args, str(component)]
 
 
-class _UpstreamHandler(BaseHTTPRequestHandler):
-    """Echoes requests as JSON; /bytes?size=N sends N bytes; /slow?seconds=S waits first
-    (with ``&group=G``, /peak?group=G then says how many such requests it held at once);
-    /gate?n=N&group=G answers once N requests of the group wait at once (409 if they never
-    do within 30 s)."""
+class _UpstreamHandler(EchoHandler):
+    """The shipped echo upstream, and for tests of requests in flight: ``/slow?...&group=G``
+    counts what it holds at once (``/peak?group=G`` says the most); ``/gate?n=N&group=G``
+    answers once N requests of the group wait at once (409 if they never do within 30 s)."""
 
-    protocol_version = "HTTP/1.1"
     _lock = threading.Lock()
     _gates: dict[str, threading.Barrier] = {}
     _held: dict[str, int] = {}
     _peaks: dict[str, int] = {}
 
-    def _hold(self, group: str, seconds: float) -> None:
-        with self._lock:
-            self._held[group] = self._held.get(group, 0) + 1
-            self._peaks[group] = max(self._peaks.get(group, 0), self._held[group])
-        time.sleep(seconds)
-        with self._lock:
-            self._held[group] -= 1
+    def answer(self, path: str, params: dict[str, str], body: bytes) -> tuple[bytes, str]:
+        if path == "/peak":
+            return str(self._peaks.get(params["group"], 0)).encode(), "text/plain"
+        if path == "/gate" and not self._gate(params):
+            params["status"] = "409"
+        if path == "/slow":
+            group = params.get("group", "")
+            with self._lock:
+                self._held[group] = self._held.get(group, 0) + 1
+                self._peaks[group] = max(self._peaks.get(group, 0), self._held[group])
+            try:
+                return super().answer(path, params, body)
+            finally:
+                with self._lock:
+                    self._held[group] -= 1
+        return super().answer(path, params, body)
 
     def _gate(self, params: dict) -> bool:
         with self._lock:
@@ -268,40 +276,6 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             return True
         except threading.BrokenBarrierError:
             return False
-
-    def _answer(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
-        path, _, query = self.path.partition("?")
-        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
-        if path == "/slow":
-            self._hold(params.get("group", ""), float(params.get("seconds", "1")))
-        if path == "/gate" and not self._gate(params):
-            params["status"] = "409"
-        if path == "/peak":
-            payload = str(self._peaks.get(params["group"], 0)).encode()
-            content_type = "text/plain"
-        elif path == "/bytes":
-            payload = bytes(range(256)) * (int(params["size"]) // 256 + 1)
-            payload = payload[:int(params["size"])]
-            content_type = "application/octet-stream"
-        else:
-            payload = json.dumps({"method": self.command, "path": self.path,
-                                  "headers": sorted([k.lower(), v] for k, v in self.headers.items()),
-                                  "body": body.decode("latin-1")}).encode()
-            content_type = "application/json"
-        self.send_response(int(params.get("status", "200")))
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(payload)))
-        self.send_header("x-upstream", "yes")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import h11
 import pytest
 
-from conftest import guest, running, wasisup_argv, wasmtime_serve_argv
+from conftest import guest, running, wait_until, wasisup_argv, wasmtime_serve_argv
 
 
 class ScriptedUpstream:
@@ -274,3 +274,31 @@ def test_response_framings_read_as_wasmtime_serve_reads_them(tmp_path, upstreams
     assert ours["/chunked-large"] == (200, b"upstream 200\n"
                                            + b"A" * 70_000 + b"B" * 300_000 + b"C")
     assert ours["/until-close-large"] == (200, b"upstream 200\n" + bytes(range(256)) * 2000)
+
+
+def test_a_coding_beside_a_length_reaches_the_client_framed_by_the_coding(serve, upstreams):
+    upstream = upstreams(answer_raw)
+    server = serve("proxy", "--env", f"UPSTREAM={upstream.url}")
+    status, headers, body = server.request("GET", "/length-and-chunked")
+    assert (status, body) == (200, b"abc")
+    assert "content-length" not in headers  # (the upstream's 3 described nothing)
+
+
+def test_an_upload_the_client_abandons_abandons_the_upstream_request(serve, upstreams):
+    ended: list[float] = []
+
+    def read_until_closed(exchange: Exchange) -> None:
+        if exchange.request_head() is not None:
+            while exchange.sock.recv(65536):
+                pass
+            ended.append(time.monotonic())
+
+    upstream = upstreams(read_until_closed)
+    server = serve("proxy", "--env", f"UPSTREAM={upstream.url}")
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                       + b"x" * 1000)
+        wait_until(lambda: upstream.requests, what="the request upstream")
+    aborted = time.monotonic()
+    wait_until(lambda: ended, timeout=8, what="the upstream request abandoned")
+    assert ended[0] - aborted < 5  # not the 10 s the guest would wait for a first byte

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -25,6 +26,20 @@ def proxy(tmp_path_factory, upstream):
 def test_healthz(proxy):
     status, headers, body = proxy.request("GET", "/healthz")
     assert (status, body) == (200, b"ok\n")
+
+
+def test_the_quick_start_checks_pass_against_the_shipped_upstream(proxy):
+    # (the tests' upstream is guest/echo_upstream.py, with test-only paths beside)
+    status, headers, body = proxy.request("GET", "/get?source=readme")
+    assert status == 200 and headers["x-wasisup-proxy"] == "1"
+    assert json.loads(body)["path"] == "/get?source=readme"
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: proxy.request("GET", f"/get?n={i}")[0], range(8)))
+    assert statuses == [200] * 8
+    status, _, body = proxy.request("POST", "/post", body=b"hello")
+    assert status == 200 and json.loads(body)["body"] == "hello"
+    status, headers, body = proxy.request("HEAD", "/get")
+    assert (status, body) == (200, b"") and headers["x-wasisup-proxy"] == "1"
 
 
 def test_forwards_method_path_query_headers_and_body(proxy):

@@ -10,7 +10,6 @@ bind = ["0.0.0.0:8080"]
 metrics_bind = "0.0.0.0:9090"
 guest_env = {"UPSTREAM": _upstream}
 allow_outbound = [urlsplit(_upstream).netloc]  # the guest reaches its upstream, nothing else
-threads = 4
 graceful_timeout = 30          # terminationGracePeriodSeconds = this + preStop pause + margin
 request_timeout = 30
 max_memory = "512M"

@@ -6,7 +6,9 @@ ones) and body, and the upstream's answer comes back with ``x-wasisup-proxy: 1``
 moved with ``splice``, so they stream through the host without being copied into the guest.
 An answer that has no body by definition (to HEAD; 204, 304) is passed on as a head alone: its
 content-length describes a body that is not sent. When the upstream cannot be reached or
-fails, the answer is a 502 naming the error-code.
+fails, the answer is a 502 naming the error-code. A client whose request body breaks off gets
+its upstream request abandoned at once. (The host hands over an upstream's response without a
+Content-Length its chunked coding overrides, so forwarding its fields never mis-frames a body.)
 """
 
 import os
@@ -66,6 +68,15 @@ def pump(source, sink) -> None:
             raise
 
 
+def broken(stream) -> bool:
+    """Has this input stream failed (not merely ended)?"""
+    try:
+        stream.read(0)
+    except Err as err:
+        return not isinstance(err.value, StreamError_Closed)
+    return False
+
+
 def forwarded_headers(fields) -> list:
     return [(name, value) for name, value in fields.entries() if name not in HOP_BY_HOP]
 
@@ -101,12 +112,17 @@ class IncomingHandler(exports.IncomingHandler):
             return
 
         incoming_body = request.consume()
-        try:
-            with incoming_body.stream() as source, outgoing_body.write() as sink:
+        failed = None
+        with incoming_body.stream() as source, outgoing_body.write() as sink:
+            try:
                 pump(source, sink)
+            except Err:  # the upstream went away mid-body (its answer or error says why), or
+                failed = "client" if broken(source) else "upstream"  # the client's body broke off
+        if failed == "client":  # the request body dropped unfinished: the upstream's request
+            outgoing_body.__exit__(None, None, None)  # fails now (not after its timeout)
+            return
+        if failed is None:
             OutgoingBody.finish(outgoing_body, None)
-        except Err:
-            pass  # the upstream went away mid-body: its answer (or error) says why
         IncomingBody.finish(incoming_body)
 
         with future, future.subscribe() as ready:

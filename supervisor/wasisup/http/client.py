@@ -317,7 +317,10 @@ class Exchange:
                 self._keep_alive = False
             self.buffer += leftover
         self._last_progress = time.monotonic_ns()
-        self.response = IncomingResponse(head.status, Fields.from_pairs(head.fields),
+        fields = head.fields
+        if coding and length:  # RFC 9112 6.3: the coding frames the body; its length is void
+            fields = [(name, value) for name, value in fields if name.lower() != b"content-length"]
+        self.response = IncomingResponse(head.status, Fields.from_pairs(fields),
                                          self.response_body, self.waiter)
         self.release_if_done()
 
