@@ -6,7 +6,7 @@
 #                                        build the base image local/debian-py:bookworm (idempotent)
 #   bash deploy/local-docker.sh stop     stop the dockerd that `start` started
 #   bash deploy/local-docker.sh clean    remove the images made here (~1.3 GB in /var/lib/docker),
-#                                        then stop
+#                                        stop, and say what `start` installed and how to remove it
 #
 # Needs root: it installs packages and runs dockerd, which keeps running (log: /tmp/dockerd.log)
 # until `stop`. Then: docker build --build-arg BASE=local/debian-py:bookworm ...
@@ -14,14 +14,18 @@ set -euo pipefail
 BASE=local/debian-py:bookworm
 IMAGES=("$BASE" wasisup:test wasisup)
 PIDFILE=/run/wasisup-dockerd.pid  # only a dockerd this script started is ever stopped
+INSTALLED=/var/lib/wasisup-local-docker.installed  # the packages `start` installed
 
 usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; }
 fail() { echo "local-docker.sh: error: $*" >&2; exit 2; }
 
 start() {
     if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+        local before
+        before=$(dpkg-query -W -f '${Package}\n' | sort)
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+        comm -13 <(echo "$before") <(dpkg-query -W -f '${Package}\n' | sort) >>"$INSTALLED"
     fi
 
     if ! docker info >/dev/null 2>&1; then
@@ -67,6 +71,12 @@ clean() {
         echo "removed ${IMAGES[*]}"
     fi
     stop
+    if [[ -s "$INSTALLED" ]]; then
+        echo "still installed by start: $(sort -u "$INSTALLED" | wc -l) packages ($(sort -u "$INSTALLED" | tr '\n' ' '))"
+        echo "  remove them: apt-get purge \$(cat $INSTALLED) && rm $INSTALLED"
+    fi
+    echo "docker.io also made the docker group (groupdel docker) and, while dockerd ran, the"
+    echo "docker0 bridge (ip link delete docker0); /var/lib/docker holds what images remain"
 }
 
 command=${1:-start}

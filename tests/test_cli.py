@@ -68,6 +68,11 @@ def test_address_in_use_is_one_line():
     assert f"cannot bind 127.0.0.1:{port}" in line and "choose another port" in line
 
 
+def test_an_allow_outbound_url_is_told_apart_from_a_pattern():
+    line = error_line("--allow-outbound", "http://example.com", str(guest("hello")))
+    assert "'http://example.com' is a URL: a pattern is HOST or HOST:PORT" in line
+
+
 def test_bad_metrics_address_is_one_line():
     assert "is not HOST:PORT" in error_line("--metrics-bind", "localhost", str(guest("hello")))
 
@@ -81,8 +86,9 @@ def test_help_is_wasisups_own():
     text = " ".join(result.stdout.split())
     for gunicorns in ("``", ":ref:", "Gunicorn", "gunicorn.conf.py", "[None]", "[[]]"):
         assert gunicorns not in text
-    assert "--threads INT event loops per worker" in text and "(default: 1)" in text
-    assert "wasisup compile IN.wasm -o OUT.cwasm" in text and "wasisup check FILE.cwasm" in text
+    assert "--threads INT event loops per worker" in text and "(config file: threads; default: 1)" in text
+    assert "wasisup compile IN.wasm [-o OUT.cwasm]" in text and "wasisup check FILE.cwasm" in text
+    assert "(config file: workers; default: 1)" in text  # a pip install's user needs no README
     cfg = Config()
     adopt(cfg.settings)
     for setting in exposed_settings(cfg):
@@ -183,6 +189,24 @@ def test_compile_says_what_it_wrote(compiled):
                          r"its \d+ imported interfaces linked "
                          rf"\(wasmtime {WASMTIME}, epoch-interruption\)\n", said)
     assert match and float(match.group(1)) == round(cwasm.stat().st_size / 1e6, 1)
+
+
+def test_compile_writes_beside_its_input_unless_told_and_makes_no_directory(tmp_path):
+    wasm = tmp_path / "app.wasm"
+    wasm.write_bytes(guest("hello").read_bytes())
+    missing = tmp_path / "missing" / "app.cwasm"
+    assert f"directory {missing.parent} does not exist: create it" in error_line(
+        "compile", str(wasm), "-o", str(missing))
+    assert not missing.parent.exists()
+    result = run_cli("compile", str(wasm))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'app.cwasm'} (")
+
+
+def test_serving_a_wasm_says_it_compiles_it_once(serve, tmp_path):
+    server = serve("hello", env={"WASISUP_CACHE": str(tmp_path / "cache")})
+    assert (f"compiling {guest('hello')} for this machine (once: the result is cached in "
+            f"{tmp_path / 'cache' / 'cwasm'})") in server.log()
 
 
 def test_check_says_what_it_checked(compiled):

@@ -38,15 +38,15 @@ log = logging.getLogger("wasisup")
 VERSION = f"wasisup {__version__} (wasmtime {WASMTIME_VERSION}, gunicorn {gunicorn.__version__})"
 
 USAGE = """wasisup [OPTIONS] COMPONENT
-       wasisup compile IN.wasm -o OUT.cwasm
+       wasisup compile IN.wasm [-o OUT.cwasm]
        wasisup check FILE.cwasm"""
 DESCRIPTION = """\
 Serve a wasi:http/proxy WebAssembly component: a master process and prefork workers.
 
 commands:
-  wasisup [OPTIONS] COMPONENT           serve COMPONENT (.wasm, compiled once and cached; or .cwasm)
-  wasisup compile IN.wasm -o OUT.cwasm  precompile for this wasmtime and engine settings
-  wasisup check FILE.cwasm              check that a .cwasm loads and links here"""
+  wasisup [OPTIONS] COMPONENT             serve COMPONENT (.wasm, compiled once and cached; or .cwasm)
+  wasisup compile IN.wasm [-o OUT.cwasm]  precompile for this wasmtime and engine settings
+  wasisup check FILE.cwasm                check that a .cwasm loads and links here"""
 EPILOG = """\
 Settings come from (later wins) the defaults, a config file (-c), $WASISUP_CMD_ARGS and the
 command line. Signals to the master: HUP reloads (zero downtime), TERM or QUIT stops
@@ -77,7 +77,10 @@ def add_option(parser: argparse.ArgumentParser, setting: Setting) -> None:
     """A setting's flag, with its help and its real default (values are checked when set)."""
     default = setting.default
     shown = ", ".join(map(str, default)) if isinstance(default, list) else default
-    help_text = setting.short + (f" (default: {shown})" if shown not in (None, "") else "")
+    details = [f"config file: {setting.name}"] if setting.name != "config" else []
+    if shown not in (None, ""):
+        details.append(f"default: {shown}")
+    help_text = setting.short + (f" ({'; '.join(details)})" if details else "")
     parser.add_argument(*setting.cli, dest=setting.name, metavar=setting.meta,
                         action=setting.action or "store", help=help_text.replace("%", "%%"))
 
@@ -203,7 +206,14 @@ class WasiApplication(BaseApplication):
         cfg.set("child_exit", _child_exit)
         cfg.set("worker_exit", _worker_exit)
         cfg.set("when_ready", _when_ready)
-        self.prepared = prepare(Path(cfg.component))
+        self.prepared = prepare(Path(cfg.component), announce=self._announce)
+
+    def _announce(self, message: str) -> None:
+        """Say what takes a while: in the log once the arbiter runs, else on stderr."""
+        if self.prepared is None:
+            print(f"wasisup: {message}", file=sys.stderr, flush=True)
+        else:
+            log.info("%s", message)
 
     def _set(self, name: str, value: Any, source: str) -> None:
         """Set a value; a bad one is a UsageError naming where it came from (flag or file).

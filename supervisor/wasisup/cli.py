@@ -1,7 +1,7 @@
 """The ``wasisup`` command: serve a wasi:http/proxy component, or precompile one.
 
     wasisup [OPTIONS] COMPONENT             serve (see ``wasisup --help``)
-    wasisup compile IN.wasm -o OUT.cwasm    precompile for this wasmtime and engine settings
+    wasisup compile IN.wasm [-o OUT.cwasm]  precompile for this wasmtime and engine settings
     wasisup check FILE.cwasm                check that a .cwasm loads and links here
 
 Bad input is reported as one line, ``wasisup: error: ...``, with exit status 2; ``compile``
@@ -42,12 +42,16 @@ def compile_main(argv: Sequence[str]) -> int:
                     description="Precompile a component to a .cwasm for this wasmtime and engine "
                                 "settings: wasisup OUT.cwasm then serves it without compiling.")
     parser.add_argument("input", type=Path, metavar="IN.wasm", help="the component")
-    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.cwasm",
-                        help="the file to write")
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT.cwasm",
+                        help="the file to write (default: IN.cwasm, beside IN.wasm)")
     args = parser.parse_args(argv)
+    args.output = args.output or args.input.with_suffix(".cwasm")
     if args.output.is_dir():
         raise UsageError(f"-o {args.output} is a directory: give a file name, "
                          f"e.g. {args.output / args.input.with_suffix('.cwasm').name}")
+    if not args.output.parent.is_dir():
+        raise UsageError(f"-o {args.output}: directory {args.output.parent} does not exist: "
+                         "create it, or write elsewhere")
     started = time.monotonic()
     try:
         found = compile_component(args.input, args.output, lambda cwasm: check(cwasm, args.input))

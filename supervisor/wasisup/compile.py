@@ -94,7 +94,6 @@ def compile_component(wasm: Path, out: Path, verify: Callable[[Path], T]) -> T:
         component = Component(Engine(engine_config()), wasm.read_bytes())
     except WasmtimeError as exc:
         raise CompileError(f"{wasm} is not a valid WebAssembly component: {_first_line(exc)}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.name, delete=False) as tmp:
         tmp.write(component.serialize())
     try:
@@ -118,8 +117,10 @@ class Prepared:
     compile_seconds: float  # 0 when it came precompiled or from the cache
 
 
-def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
-    """Compile (once, cached) and check ``path`` in a child process, never in this one."""
+def prepare(path: Path, cache_dir: Path | None = None,
+            announce: Callable[[str], None] = lambda message: None) -> Prepared:
+    """Compile (once, cached) and check ``path`` in a child process, never in this one;
+    ``announce`` is told before a compile (it takes seconds)."""
     kind = component_kind(path)
     try:
         digest = file_sha256(path)
@@ -136,6 +137,12 @@ def prepare(path: Path, cache_dir: Path | None = None) -> Prepared:
     if cached is not None:
         return Prepared(cached, digest, 0.0)
     out = cache / f"{path.stem}-{name}.cwasm"
+    announce(f"compiling {path} for this machine (once: the result is cached in {cache})")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompileError(f"cannot create the compile cache {cache}: {exc.strerror} "
+                           "($WASISUP_CACHE chooses another place)") from None
     started = time.monotonic()
     _child("compile", str(path), "-o", str(out))
     return Prepared(out, digest, time.monotonic() - started)

@@ -161,7 +161,7 @@ class Reuse:
 # gunicorn's settings that wasisup exposes, in --help order (config-file keys).
 REUSED: dict[str, Reuse] = {
     "config": Reuse("a Python config file whose top-level names set options, e.g. "
-                    "workers = 4 (README lists the names)", default=None, meta="FILE"),
+                    "workers = 4 (each option below names its own)", default=None, meta="FILE"),
     "bind": Reuse("where to listen: HOST:PORT, [IPV6]:PORT or unix:PATH; repeatable; "
                   "$PORT makes the default 0.0.0.0:$PORT", validator=validate_binds),
     "workers": Reuse("worker processes; $WEB_CONCURRENCY sets the default",

@@ -145,6 +145,9 @@ class HostPattern:
     @classmethod
     def parse(cls, text: str) -> "HostPattern":
         """Raises ValueError naming what is wrong (for a startup error)."""
+        if "://" in text or "/" in text:
+            raise ValueError(f"{text!r} is a URL: a pattern is HOST or HOST:PORT "
+                             "(e.g. example.com or example.com:443)")
         try:
             host, port = _split_port(text)
             if "*" not in host:
