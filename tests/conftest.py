@@ -198,6 +198,12 @@ def metrics_text(port: int) -> str:
         return response.read().decode()
 
 
+def upstream_peak(upstream: str, group: str) -> int:
+    """The most requests of ``group`` the test upstream's /slow has held at once."""
+    with urllib.request.urlopen(f"{upstream}/peak?group={group}", timeout=10) as response:
+        return int(response.read())
+
+
 def run_cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """``wasisup ARGS`` to completion, its output captured (for commands that exit); ``env``
     adds to the environment."""

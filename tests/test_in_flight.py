@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import re
 import socket
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import free_port, metrics_text, wait_until
+from conftest import free_port, metrics_text, upstream_peak, wait_until
 
 
 def in_flight(metrics_port: int) -> float:
     return sum(float(value) for value in re.findall(
         r'wasisup_requests_in_flight\{pid="\d+"\} ([\d.]+)', metrics_text(metrics_port)))
-
-
-def upstream_peak(upstream: str, group: str) -> int:
-    with urllib.request.urlopen(f"{upstream}/peak?group={group}", timeout=10) as response:
-        return int(response.read())
 
 
 def test_one_loop_holds_many_waiting_requests(serve, upstream):

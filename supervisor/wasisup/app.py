@@ -321,7 +321,7 @@ def _when_ready(arbiter: Arbiter) -> None:
 def _worker_exit(arbiter: Arbiter, worker: Any) -> None:
     """A worker is done (gunicorn calls this last, as the worker's SystemExit unwinds): leave
     now, with its exit status. Tearing the interpreter down (every module, wasmtime's tables)
-    took longer than booting a worker, and --max-requests churn paid it every time."""
+    is slower than booting a worker, and --max-requests churn would pay it every time."""
     exiting = sys.exc_info()[1]
     code = exiting.code if isinstance(exiting, SystemExit) and isinstance(exiting.code, int) else 0
     logging.shutdown()

@@ -304,7 +304,7 @@ class Runtime:
         """An instance for one request: the one this loop used last, else a new one.
 
         Idle instances are kept per loop (thread): a Store that stays on one thread stays in
-        that core's caches (moving it between threads doubles a small request's cost).
+        that core's caches.
         """
         idle = self._idle_here()
         guest = idle.pop() if idle else self._instantiate()

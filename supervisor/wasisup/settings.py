@@ -327,7 +327,7 @@ class HeaderTimeout(Setting):
         a request head must arrive whole within this, from its first byte; else 408
 
         Heads are read by the worker's event loop, so a slow client holds a connection slot
-        (see --worker-connections), never a request thread.
+        (see --worker-connections), nothing more.
         """
 
 

@@ -91,8 +91,7 @@ class WasmWorker(Worker):
                       self.app.component_name, cfg.threads, "s"[:cfg.threads > 1],
                       cfg.max_concurrent_requests)
         # What exists now lives as long as the worker: keep the cyclic GC from scanning it
-        # again and again (with wasmtime's and the host's tables, that was a quarter of the
-        # CPU a small request took).
+        # again and again (wasmtime's and the host's tables are large).
         gc.freeze()
         self.server.serve(graceful_timeout=cfg.graceful_timeout)
         runtime.close()

@@ -1,9 +1,10 @@
 """One client connection: a non-blocking socket, h11 parsing its requests, the framing of its
 responses, and its output buffer.
 
-The worker's event loop reads request heads into it; a request thread reads the body and writes
+The worker's event loop reads request heads into it; the guest's call reads the body and writes
 the response through it; whatever the client has not taken when the guest is done stays in
-``out`` for the loop to finish. Nothing here blocks.
+``out`` for the loop to finish. Its sockets are non-blocking: a call that cannot go on returns
+what it did, and the loop waits for readiness.
 
 h11 parses each request (one h11 state machine per request cycle). Responses are framed by hand
 (``framing``).
@@ -82,7 +83,7 @@ class MinDataRate:
 class Connection:
     """A client connection; ``state`` says who has it: the loop ("head": reading a request
     head or idle between requests, "flush": sending what is left of a response, "linger":
-    closing) or a request thread ("request")."""
+    closing) or a guest call ("request")."""
 
     def __init__(self, sock: socket.socket, peer: Any, limits: Limits) -> None:
         sock.setblocking(False)

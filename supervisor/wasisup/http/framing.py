@@ -1,7 +1,7 @@
 """HTTP/1.1 framing written by hand, for the responses we serve and the requests guests send.
 
 Every field was validated when the guest set it (``wasisup.wasi.http``), so nothing here checks
-again: h11's send path, which does, cost more than parsing the message had.
+again (h11's send path would, a second time).
 """
 
 from __future__ import annotations

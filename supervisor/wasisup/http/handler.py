@@ -1,9 +1,10 @@
 """What happens to a request: its checked head -> the guest's incoming-handler -> the response.
 
-``GuestHandler`` builds the ``incoming-request`` (its body read from the connection on demand,
+``GuestCall`` builds the ``incoming-request`` (its body read from the connection on demand,
 so the guest gets back-pressure) and a ``response-outparam`` whose response is written to the
-connection as soon as the guest sets it. A guest that traps or never answers gets a 500 if
-nothing was sent yet; otherwise the connection is cut so the client sees an incomplete body.
+connection as soon as the guest sets it, starts the guest's handler and runs it, a step at a
+time, for the loop that drives it. A guest that traps or never answers gets a 500 if nothing
+was sent yet; otherwise the connection is cut so the client sees an incomplete body.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Upstream connections for guests' outbound requests: non-blocking sockets (TLS with SNI and
-the system CA store for https) and a keep-alive pool shared by a worker's request threads.
+the system CA store for https) and a keep-alive pool shared by a worker's event loops.
 
-Nothing here blocks except name resolution: connects and TLS handshakes advance a step each
+Nothing here blocks but name resolution (``getaddrinfo``): connects and TLS handshakes advance a step each
 time the guest's thread looks at them, and report what they wait for (``wants``).
 """
 

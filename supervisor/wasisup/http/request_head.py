@@ -4,7 +4,7 @@ h11 parses; it is lenient where a server in front of a guest must not be (it fol
 ``Content-Length: 5,5`` into 5, accepts any ``HTTP/x.y``, any request-target, controls in field
 values, obs-fold) and it answers 501 where RFC 9112 asks for a 400 (chunked applied twice).
 ``check_head`` takes the ``h11.Request`` and the raw head bytes and raises ``BadRequest`` with
-the status RFC 9112 gives, or returns the ``RequestHead`` a request thread serves: the fields,
+the status RFC 9112 gives, or returns the ``RequestHead`` a guest call serves: the fields,
 what the guest sees as path-with-query and authority, and whether the connection may stay open.
 """
 

@@ -2,9 +2,10 @@
  *
  * It converts the call's component-model arguments (wasmtime_component_val_t, 32 bytes: a kind
  * byte, then an 8-aligned payload) into Python objects, calls the host function, and writes its
- * result back, by a type tree built once per function at link time (abi.py builds the spec).
- * Doing this in Python cost 1.5 us of ctypes callback entry per call and several ctypes calls
- * per value; here a call costs a GIL acquisition and the Python function itself.
+ * result back, by a type tree built once per function at link time (abi.py builds the spec): a
+ * call costs a GIL acquisition and the Python function itself. Host functions that wait are
+ * bound as async ones (see "Host functions that wait" below), and the guest's incoming handler
+ * is started here as a call future (CallFuture) the worker's loop polls.
  *
  * wasmtime's C API functions it needs are handed over by address (abi.py reads them from the
  * library wasmtime-py loaded), so this module links against nothing but Python.

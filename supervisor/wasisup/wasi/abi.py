@@ -3,9 +3,8 @@
 Each imported function is bound to a Python callable through the C trampoline
 (``_hostcall.c``): at link time its WIT types become a compact spec the trampoline compiles
 once, and at call time it converts values in C, calls the function with the GIL held, and
-writes the result back. wasmtime-py's generic ``add_func`` re-reads the function type on every
-call and converts ``list<u8>`` one byte at a time; a ctypes trampoline in Python paid ~1.5 us
-of callback entry per call and several ctypes calls per resource.
+writes the result back (wasmtime-py's generic ``add_func`` re-reads the function type on every
+call and converts ``list<u8>`` one byte at a time).
 
 Python shapes of WIT values:
   bool/ints/floats -> bool/int/float; char, string, enum -> str; list<u8> -> bytes;

@@ -1,7 +1,7 @@
 """wasi:http/types and wasi:http/outgoing-handler: fields, requests, responses and bodies.
 
-The HTTP server (``wasisup.http.server``) builds an ``IncomingRequest`` and a
-``ResponseOutparam`` for each request; the outbound client (``wasisup.http.client``) turns an
+The guest call of each request (``wasisup.http.handler.GuestCall``) builds an
+``IncomingRequest`` and a ``ResponseOutparam``; the outbound client (``wasisup.http.client``) turns an
 ``OutgoingRequest`` into a ``FutureIncomingResponse``. Bodies meet those two through small
 transport objects, so this module holds the WASI semantics and none of the sockets.
 """

@@ -18,6 +18,7 @@ class IncomingHandler(exports.IncomingHandler):
             while True:
                 pass
         if url.path == "/work":
+            print("working", flush=True)
             total = 0
             for i in range(int(parse_qs(url.query).get("n", ["1000000"])[0])):
                 total += i * i % 7
