@@ -166,6 +166,8 @@ def test_a_guest_environment_that_is_not_utf8_is_refused_wherever_it_comes_from(
     config.write_text('guest_env = {"X": "\\udcff"}\n')
     line = error_line("-c", str(config), str(guest("hello")))
     assert "guest_env: the value of X is not valid UTF-8 (byte 0xff at character 0)" in line
+    config.write_text('guest_env = {"X": "a\\x00b"}\n')
+    assert "the value of X holds a NUL character" in error_line("-c", str(config), str(guest("hello")))
     line = error_line("-c", str(ROOT / "deploy" / "wasisup.conf.py"),
                       env={"UPSTREAM": f"http://127.0.0.1:9000/{NOT_UTF8}"})
     assert "guest_env: the value of UPSTREAM is not valid UTF-8" in line

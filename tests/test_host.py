@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 from typing import Callable
 
 import pytest
@@ -13,6 +14,9 @@ from wasmtime.component import Component, ComponentInstanceType, FuncType, Linke
 from conftest import guest
 from wasisup import capi
 from wasisup.compile import engine_config, prepare
+from wasisup.http.connection import Connection
+from wasisup.http.handler import GuestCall, GuestHandler
+from wasisup.http.request_head import Limits
 from wasisup import runtime as runtime_module
 from wasisup.runtime import Runtime
 from wasisup.wasi import abi
@@ -230,3 +234,23 @@ def test_a_host_function_that_waits_suspends_the_guest_and_fails_cleanly(caplog)
             values.run(f"pause {times}")
     assert "a bug in a host function that waited" in caplog.text
     assert values.run("round-trip") == "ok"
+
+
+@pytest.mark.parametrize("value, status", [
+    ("\udcff", 500),  # not UTF-8: get-environment traps the guest (500), the worker lives
+    ("a\x00b", 500),  # (the guest's own CPython traps on it: a POSIX environment has no NUL)
+    ("\U0001f980" * 100, 200), ("x" * 1_000_000, 200),
+])
+def test_a_hostile_guest_environment_costs_a_request_at_most(value, status):
+    # (the settings refuse the first two at startup; this is what a guest does if one slips by)
+    runtime = Runtime(prepare(guest("proxy")).cwasm, [("X", value)], None)
+    server_end, client = socket.socketpair()
+    conn = Connection(server_end, None, Limits())
+    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+    call = GuestCall(GuestHandler(runtime), conn, conn.read_head())
+    if call.start():
+        while not call.step():  # (it waits for nothing: each step runs until it ends)
+            pass
+    conn.flush()
+    assert client.recv(65536).startswith(b"HTTP/1.1 %d " % status)
+    runtime.close()

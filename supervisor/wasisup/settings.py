@@ -107,8 +107,11 @@ def validate_env(value: object) -> list[tuple[str, str]]:
                 raise ValueError(f"{item!r} is not KEY=VALUE (e.g. UPSTREAM=http://127.0.0.1:9000)")
             pairs.append((key, val))
     for key, val in pairs:
-        if not key or "=" in key:
+        if not key or "=" in key or "\0" in key:
             raise ValueError(f"{key!r} is not a variable name: give one without '=' (e.g. UPSTREAM)")
+        if "\0" in val:
+            raise ValueError(f"the value of {key} holds a NUL character, which no environment "
+                             "value can (a guest's own runtime would trap on it)")
         try:
             check_utf8(key, "a variable name")
             check_utf8(val, f"the value of {key}")
