@@ -1,8 +1,9 @@
 """Upstream connections for guests' outbound requests: non-blocking sockets (TLS with SNI and
 the system CA store for https) and a keep-alive pool shared by a worker's event loops.
 
-Nothing here blocks but name resolution (``getaddrinfo``): connects and TLS handshakes advance a step each
-time the guest's thread looks at them, and report what they wait for (``wants``).
+Nothing here blocks a loop: a name is resolved on a resolver thread (``getaddrinfo`` blocks),
+and it, the connect and the TLS handshake advance a step each time the guest's loop looks at
+them, reporting what they wait for (``fileno`` and ``wants``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 from .outbound_policy import Target
@@ -35,19 +37,78 @@ class ConnectFailed(Exception):
 
 
 DNS_ERROR = ("DNS-error", {"rcode": "address not available", "info-code": None})
+RESOLVER_THREADS = 4  # names resolved at once, per worker
+_resolver: Optional[ThreadPoolExecutor] = None  # made on first use, in the worker
+
+
+class Resolution:
+    """A name being resolved on a resolver thread; ``fileno`` turns readable when it is."""
+
+    def __init__(self, target: Target) -> None:
+        global _resolver
+        if _resolver is None:
+            _resolver = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="wasisup-dns")
+        self.host = target.host
+        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._signalled = self._closed = False  # the pipe is closed once both are true
+        self._future = _resolver.submit(socket.getaddrinfo, target.host, target.port,
+                                        type=socket.SOCK_STREAM)
+        self._future.add_done_callback(self._done)
+
+    def _done(self, future: Future) -> None:
+        with self._lock:  # (on the resolver thread, or in close() when cancelled)
+            self._signalled = True
+            if self._closed:
+                self._close_pipe()
+            else:
+                os.write(self._ready_w, b"x")
+
+    def fileno(self) -> int:
+        return self._ready_r
+
+    def addresses(self) -> Optional[list[tuple]]:
+        """The addresses once resolved (None while under way); ConnectFailed if it failed."""
+        if not self._future.done():
+            return None
+        try:
+            return self._future.result()
+        except (OSError, UnicodeError) as exc:
+            raise ConnectFailed(DNS_ERROR, f"resolving {self.host}: {exc}") from None
+
+    def close(self) -> None:
+        self._future.cancel()  # (a lookup not started yet is dropped: its _done runs now)
+        with self._lock:
+            self._closed = True
+            if self._signalled:  # else _done closes the pipe when the lookup ends
+                self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        os.close(self._ready_r)
+        os.close(self._ready_w)
 
 
 class UpstreamConnection:
-    """One non-blocking connection to an origin; TLS is layered on once TCP is up."""
+    """One non-blocking connection to an origin: its name resolved (unless it is an address),
+    then TCP, then TLS for https."""
 
-    def __init__(self, target: Target, addresses: list[tuple], tls: Optional[ssl.SSLContext]) -> None:
+    def __init__(self, target: Target, tls: Optional[ssl.SSLContext],
+                 addresses: Optional[list[tuple]] = None) -> None:
         self.target = target
         self.reused = False
-        self._addresses = addresses
         self._tls = tls
-        self.sock: socket.socket = self._start(addresses.pop(0))
-        self._phase = "tcp"  # -> "tls" (https) -> "open"
-        self._wants = WRITABLE
+        self.sock: Optional[socket.socket] = None
+        self._resolution: Optional[Resolution] = None
+        if addresses is None:
+            self._resolution = Resolution(target)
+            self._phase, self._wants = "dns", READABLE  # -> "tcp" -> "tls" (https) -> "open"
+        else:
+            self._connect(addresses)
+
+    def _connect(self, addresses: list[tuple]) -> None:
+        self._addresses = addresses
+        self.sock = self._start(addresses.pop(0))
+        self._phase, self._wants = "tcp", WRITABLE
 
     def _start(self, address: tuple) -> socket.socket:
         family, kind, proto, _, sockaddr = address
@@ -61,7 +122,7 @@ class UpstreamConnection:
         return sock
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.sock.fileno() if self._resolution is None else self._resolution.fileno()
 
     @property
     def open(self) -> bool:
@@ -72,7 +133,15 @@ class UpstreamConnection:
         return self._wants
 
     def establish(self) -> bool:
-        """Advance the TCP connect and TLS handshake; True once the connection is usable."""
+        """Advance the name's resolution, the TCP connect and the TLS handshake; True once
+        the connection is usable."""
+        if self._resolution is not None:
+            addresses = self._resolution.addresses()
+            if addresses is None:
+                return False
+            self._resolution.close()
+            self._resolution = None
+            self._connect(addresses)
         if self._phase == "tcp":
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error == 0 and not _writable_now(self.sock):
@@ -145,7 +214,11 @@ class UpstreamConnection:
         return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
 
     def close(self) -> None:
-        self.sock.close()
+        if self._resolution is not None:
+            self._resolution.close()
+            self._resolution = None
+        if self.sock is not None:
+            self.sock.close()
 
 
 def _writable_now(sock: socket.socket) -> bool:
@@ -180,12 +253,13 @@ class Pool:
         return self._checkout(target) or self.connect_new(target)
 
     def connect_new(self, target: Target) -> UpstreamConnection:
-        """A new connection to ``target`` (its connect under way)."""
-        try:
-            addresses = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise ConnectFailed(DNS_ERROR, f"resolving {target.host}: {exc}") from None
-        conn = UpstreamConnection(target, addresses, self._tls_context() if target.tls else None)
+        """A new connection to ``target`` (its name's resolution or its connect under way)."""
+        try:  # an address needs no resolver
+            addresses: Optional[list[tuple]] = socket.getaddrinfo(
+                target.host, target.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            addresses = None
+        conn = UpstreamConnection(target, self._tls_context() if target.tls else None, addresses)
         self.opened += 1
         return conn
 
