@@ -1,7 +1,7 @@
 """A DNS server for tests, on 127.0.0.1:53 (run it in a network namespace of the test's own):
-every name is 127.0.0.1 (no IPv6 records), but a name starting with ``held.`` is answered only
-once the file named on the command line exists. It prints ``ready``, then ``held NAME`` as
-such a question arrives.
+every name is 127.0.0.1 (no IPv6 records), but one starting with ``missing.`` does not exist,
+and one starting with ``held.`` is answered only once the file named on the command line
+exists. It prints ``ready``, then ``held NAME`` as such a question arrives.
 
     python tests/dns_server.py RELEASE_FILE
 """
@@ -32,9 +32,11 @@ def question(packet: bytes) -> tuple[str, int, int]:
 def answer(packet: bytes) -> bytes:
     name, qtype, end = question(packet)
     records = b""
-    if qtype == A:  # the name (a pointer to the question's), A, IN, TTL 60, 4 bytes
+    if qtype == A and not name.startswith("missing."):  # the name (a pointer to the
+        # question's), A, IN, TTL 60, 4 bytes of address
         records = struct.pack("!HHHIH", 0xC00C, A, 1, 60, 4) + socket.inet_aton("127.0.0.1")
-    head = packet[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if records else 0, 0, 0)
+    flags = 0x8183 if name.startswith("missing.") else 0x8180  # (rcode 3: no such name)
+    head = packet[:2] + struct.pack("!HHHHH", flags, 1, 1 if records else 0, 0, 0)
     return head + packet[12:end] + records
 
 

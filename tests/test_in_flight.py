@@ -76,7 +76,12 @@ def test_the_request_timeout_ends_a_waiting_guest(serve, upstream):
     assert status == 504 and b"the request deadline passed while the guest waited" in body
 
 
-FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())"
+# A client to run inside the namespace: prints the body of whatever answer it gets.
+FETCH = """import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())
+except urllib.error.HTTPError as error:
+    print(error.read().decode())"""
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -104,7 +109,7 @@ def network_namespace() -> Iterator[list[str]]:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                     reason="a network namespace of its own needs root and iproute2")
-def test_a_slow_name_lookup_holds_up_no_other_request(tmp_path):
+def test_names_are_resolved_and_a_slow_lookup_holds_up_no_other_request(tmp_path):
     release = tmp_path / "release"
     with network_namespace() as inside, contextlib.ExitStack() as running:
         def start(*argv: str) -> subprocess.Popen:
@@ -126,6 +131,8 @@ def test_a_slow_name_lookup_holds_up_no_other_request(tmp_path):
         proxied = "http://127.0.0.1:8000/?url=http://{}:9000/{}"
         wait_until(lambda: "upstream 200" in fetch(proxied.format("127.0.0.1", "up")).stdout,
                    timeout=60, what="wasisup in the namespace")
+        assert "upstream 200" in fetch(proxied.format("resolved.test", "named")).stdout
+        assert "outbound error: dns-error" in fetch(proxied.format("missing.test", "x")).stdout
         named = start(sys.executable, "-c", FETCH, proxied.format("held.test", "named"))
         assert dns.stdout.readline().strip() == "held held.test"
         # The worker's only loop waits for that name; it serves another request meanwhile.
