@@ -26,7 +26,6 @@ import statistics
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from harness import (ROOT, Load, build, print_table, run_cleanly, wasisup, wasmtime_serve,
                      warmed_up, wrk)
