@@ -39,12 +39,11 @@ def _run(callback: Callable[..., None], *args: int) -> None:
 
 
 class Timer:
-    """A callback due at a time (``time.monotonic``), until cancelled."""
+    """A callback due at a time (``time.monotonic``: the loop's heap keeps it), until cancelled."""
 
-    __slots__ = ("when", "callback")
+    __slots__ = ("callback",)
 
-    def __init__(self, when: float, callback: Optional[Callable[[], None]]) -> None:
-        self.when = when
+    def __init__(self, callback: Optional[Callable[[], None]]) -> None:
         self.callback = callback
 
     def cancel(self) -> None:
@@ -101,7 +100,7 @@ class Loop:
 
     # -- time
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(when, callback)
+        timer = Timer(callback)
         order = next(self._order)
         heapq.heappush(self._timers, (when, order, timer))
         if order % COMPACT_EVERY == 0:  # cancelled timers wait in the heap until their time

@@ -209,9 +209,7 @@ class Guest:
         return GuestTrap(message)
 
     def close(self) -> None:
-        if self._call is not None:
-            self._call.close()
-            self._call = None
+        self.cancel()  # (a call still under way goes before its Store)
         abi.STORES.pop(self.ctx, None)
         _GUESTS.pop(self.ctx, None)
         self.context.close()
