@@ -23,6 +23,7 @@ from . import metrics
 from .http.client import OutboundClient
 from .http.handler import GuestHandler
 from .http.outbound_policy import OutboundPolicy
+from .http.pool import Pool
 from .http.request_head import Limits
 from .http.server import Server
 from .compile import CompileError
@@ -61,7 +62,8 @@ class WasmWorker(Worker):
         prepared = self.app.prepared
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
-        outbound = OutboundClient(OutboundPolicy(cfg.allow_outbound))
+        outbound = OutboundClient(OutboundPolicy(cfg.allow_outbound),
+                                  Pool(idle_per_origin=cfg.max_concurrent_requests))
         self.compute_timeout = cfg.compute_timeout or cfg.timeout
         try:
             runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,

@@ -21,8 +21,10 @@ from typing import Optional
 from .outbound_policy import Target
 
 READABLE, WRITABLE = select.POLLIN, select.POLLOUT
-# Kept per origin for reuse; more than this many idle connections to one origin are closed.
-IDLE_PER_ORIGIN = 32
+# Kept per origin for reuse; more than this many idle connections to one origin are closed. A
+# worker passes its cap on requests in flight: fewer would close connections a burst of answers
+# hands back only to open them again for the next burst.
+IDLE_PER_ORIGIN = 1000
 # An idle pooled connection older than this is closed rather than reused (upstream servers
 # close theirs too; nginx after 75 s, many after 5-15 s).
 IDLE_TIMEOUT = 15.0
