@@ -203,13 +203,13 @@ def test_metrics_show_in_flight_per_worker(serve, upstream):
     assert sorted(int(pid) for pid, _ in series) == sorted(pids)
     assert len(busy) == 1 and int(busy[0]) in pids
     thread.join(30)
-    assert 'wasisup_requests_total{code="200"}' in metrics_text(metrics_port)
+    assert 'wasisup_requests_total{code="200",method="GET"}' in metrics_text(metrics_port)
     assert "wasisup_component_info{" in text and "wasisup_instantiations_total" in text
 
     # A dead worker's series goes away with it.
     os.kill(pids[0], signal.SIGKILL)
     wait_until(lambda: f'pid="{pids[0]}"' not in metrics_text(metrics_port)
-               and "wasisup_worker_restarts_total 1.0" in metrics_text(metrics_port),
+               and 'wasisup_worker_restarts_total{reason="crash"} 1.0' in metrics_text(metrics_port),
                what="the dead worker's series to go")
 
 
@@ -232,8 +232,10 @@ def scrape_seconds(metrics_port: int, times: int = 7) -> float:
 
 
 def restarts(metrics_port: int) -> float:
+    """Workers replaced after --max-requests."""
     text = metrics_text(metrics_port)
-    return float(re.search(r"^wasisup_worker_restarts_total (\S+)$", text, re.M).group(1))
+    return float(re.search(r'^wasisup_worker_restarts_total\{reason="max-requests"\} (\S+)$',
+                           text, re.M).group(1))
 
 
 def restart_workers(server, metrics_port: int, count: int) -> None:
@@ -275,8 +277,10 @@ def test_metrics_stay_flat_across_worker_restarts(serve, tmp_path):
 
     def answered() -> float:  # once the last request's counter and histogram are both in
         text = metrics_text(metrics_port)
-        count = float(re.search(r'^wasisup_requests_total\{code="200"\} (\S+)$', text, re.M)[1])
-        seen = float(re.search(r"^wasisup_request_duration_seconds_count (\S+)$", text, re.M)[1])
+        count = float(re.search(r'^wasisup_requests_total\{code="200",method="GET"\} (\S+)$',
+                                text, re.M)[1])
+        seen = float(re.search(r'^wasisup_request_duration_seconds_count\{code="200",method="GET"\} '
+                               r'(\S+)$', text, re.M)[1])
         return count if count == seen else 0.0
 
     # Nothing counted was lost in the folding: every request and every restart is there.
@@ -310,7 +314,7 @@ def test_a_killed_masters_metrics_do_not_carry_over(serve, tmp_path):
     server = serve("hello", "-w", "1", "--metrics-bind", f"127.0.0.1:{metrics_port}",
                    env={METRICS_DIR: str(directory)})
     assert server.request("GET", "/")[0] == 200
-    counted = wait_until(lambda: re.search(r'^wasisup_requests_total\{code="200"\} (\S+)$',
+    counted = wait_until(lambda: re.search(r'^wasisup_requests_total\{code="200",method="GET"\} (\S+)$',
                                            metrics_text(metrics_port), re.M), what="the request")
     assert counted[1] == "1.0"  # not 4.0: the killed master's counts are gone
     assert in_flight_pids(metrics_port) == set(workers(server.proc.pid))
@@ -438,3 +442,28 @@ def test_heartbeat_files_live_in_dev_shm(serve):
     worker = wait_until(lambda: workers(server.proc.pid), what="a worker")[0]
     targets = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
     assert any(target.startswith("/dev/shm/") for target in targets), targets
+
+
+def test_restarts_are_counted_by_reason(serve):
+    metrics_port = free_port()
+    server = serve("hello", "-w", "1", "--max-requests", "2",
+                   "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    master = server.proc.pid
+
+    def counted(reason: str) -> float:
+        found = re.search(rf'^wasisup_worker_restarts_total\{{reason="{reason}"\}} (\S+)$',
+                          metrics_text(metrics_port), re.M)
+        return float(found[1]) if found else -1.0
+
+    first = wait_until(lambda: workers(master), what="a worker")[0]
+    assert [counted(reason) for reason in ("crash", "timeout", "max-requests", "reload")] == [0] * 4
+    for _ in range(2):
+        assert server.request("GET", "/")[0] == 200
+    wait_until(lambda: counted("max-requests") == 1, what="a max-requests restart")
+    second = wait_until(lambda: [pid for pid in workers(master) if pid != first], what="its successor")
+    os.kill(second[0], signal.SIGKILL)
+    wait_until(lambda: counted("crash") == 1, what="a crash")
+    server.send_signal(signal.SIGHUP)
+    wait_until(lambda: counted("reload") == 1, what="a reload")
+    assert counted("max-requests") == 1 and counted("timeout") == 0
+    assert "wasisup_workers 1.0" in metrics_text(metrics_port)

@@ -282,13 +282,20 @@ class ReloadRefused(Exception):
 class WasiArbiter(Arbiter):
     """gunicorn's arbiter, with QUIT as a graceful stop (like TERM); INT stays the fast one."""
 
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.exit_notes: dict[int, int] = {}  # worker pid -> its heartbeat file (spawn_worker)
+
     def reload(self) -> None:
         """HUP: gunicorn's reload (new workers, the old ones retired gracefully), unless the
         configuration no longer loads: then the running workers stay as they are."""
+        replaced = len(self.WORKERS)
         try:
             super().reload()
         except ReloadRefused as exc:
             self.log.error("reload failed, still serving the previous configuration: %s", exc)
+        else:
+            metrics.master().restarts.labels("reload").inc(replaced)
 
     def handle_quit(self) -> None:
         raise StopIteration
@@ -299,16 +306,33 @@ class WasiArbiter(Arbiter):
         workers boot then waited out the whole --graceful-timeout)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, self.worker_class.SIGNALS)
         try:
-            return super().spawn_worker()
+            pid = super().spawn_worker()
         finally:  # (in the parent; the worker unblocks them in WasmWorker.init_signals)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self.worker_class.SIGNALS)
+        # The worker's heartbeat file is closed before child_exit runs: keep it open to read
+        # the reason the worker wrote there when it chose to exit.
+        self.exit_notes[pid] = os.dup(self.WORKERS[pid].tmp.fileno())
+        metrics.master().workers.set(len(self.WORKERS))
+        return pid
+
+    def exit_reason(self, worker: Any) -> str:
+        """Why a worker that exited did: the reason it wrote (see ``WasmWorker.note_exit``),
+        or its timeout, or else it crashed."""
+        note = self.exit_notes.pop(worker.pid, None)
+        written = b""
+        if note is not None:
+            written = os.pread(note, 64, 0)
+            os.close(note)
+        if worker.aborted:
+            return "timeout"
+        return written.decode() if written.decode() in metrics.RESTART_REASONS else "crash"
 
 
 def _when_ready(arbiter: Arbiter) -> None:
     from .worker import share_logging
 
     share_logging(arbiter.log)
-    metrics.worker_restarts()  # before the first fork: the series starts at 0
+    metrics.master()  # before the first fork: the series start at 0
     if arbiter.cfg.metrics_bind:
         metrics.serve(arbiter.cfg.metrics_bind)
         arbiter.log.info("Metrics at http://%s/metrics", arbiter.cfg.metrics_bind)
@@ -332,6 +356,9 @@ def _worker_exit(arbiter: Arbiter, worker: Any) -> None:
 
 def _child_exit(arbiter: Arbiter, worker: Any) -> None:
     metrics.worker_exited(worker.pid)
+    reason = arbiter.exit_reason(worker)
+    master = metrics.master()
+    master.workers.set(len(arbiter.WORKERS))
     # Still serving and now short of workers: the arbiter will replace this one.
     if arbiter.LISTENERS and len(arbiter.WORKERS) < arbiter.num_workers:
-        metrics.worker_restarts().inc()
+        master.restarts.labels(reason).inc()

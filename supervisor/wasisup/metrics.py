@@ -20,7 +20,15 @@ from collections import defaultdict
 from typing import Any, Optional
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-DURATION_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+# OpenTelemetry's HTTP duration buckets (0.005 ... 10 s), with finer ones below and longer above.
+DURATION_BUCKETS = (.001, .0025, .005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10,
+                    30, 60)
+SIZE_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+# Methods with a label of their own; any other is "_OTHER" (OpenTelemetry's convention), so a
+# client cannot make series up.
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
+# Upstream origins labelled by name, per worker; the rest are "other".
+ORIGINS_PER_WORKER = 50
 # Types whose values add up across processes: a dead worker's go into "{type}_archive.db".
 SUMMED_TYPES = ("counter", "histogram", "summary")
 _OUR_FILES = (".db", ".db.tmp")
@@ -70,19 +78,61 @@ def _remove_our_files(path: str) -> None:
             os.unlink(os.path.join(path, name))
 
 
+def method_label(method: str) -> str:
+    return method if method in METHODS else "_OTHER"
+
+
 class Metrics:
-    """The metric families wasisup records; one instance per process."""
+    """The metric families a worker records; one instance per process."""
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        self.in_flight = Gauge("wasisup_requests_in_flight", "Requests being handled, per worker",
+        # the requests served
+        self.in_flight = Gauge("wasisup_requests_in_flight",
+                               "Requests whose guest call has started and not ended, per worker",
                                multiprocess_mode="liveall")
-        self.requests = Counter("wasisup_requests_total", "Requests answered, by status code",
-                                ["code"])
+        self.queued = Gauge("wasisup_requests_queued",
+                            "Requests waiting for their turn (--max-concurrent-requests), per worker",
+                            multiprocess_mode="liveall")
+        self.requests = Counter("wasisup_requests_total", "Requests answered, by method and status "
+                                "code (0: no response was sent)", ["method", "code"])
         self.duration = Histogram("wasisup_request_duration_seconds",
-                                  "Time from request head to end of response",
-                                  buckets=DURATION_BUCKETS)
+                                  "Time from the request head to the end of the response",
+                                  ["method", "code"], buckets=DURATION_BUCKETS)
+        self.wait = Histogram("wasisup_request_wait_seconds",
+                              "Time from the request head to its guest starting: its turn under "
+                              "--max-concurrent-requests and its instance", buckets=DURATION_BUCKETS)
+        self.request_bytes = Histogram("wasisup_request_body_bytes",
+                                       "Request body bytes the client sent", buckets=SIZE_BUCKETS)
+        self.response_bytes = Histogram("wasisup_response_body_bytes",
+                                        "Response body bytes the guest wrote", buckets=SIZE_BUCKETS)
+        # the upstream hop
+        self.outbound_duration = Histogram(
+            "wasisup_outbound_request_duration_seconds",
+            "Guests' outbound requests: time from the request to its response head (code) or its "
+            "failure (error, the wasi:http error-code)", ["method", "origin", "code", "error"],
+            buckets=DURATION_BUCKETS)
+        self.outbound_body_errors = Counter(
+            "wasisup_outbound_response_body_errors_total",
+            "Upstream response bodies that failed after the head, by wasi:http error-code",
+            ["origin", "error"])
+        self.outbound_connections = Gauge("wasisup_outbound_connections",
+                                          "Upstream connections open, and of them idle, per worker",
+                                          ["state"], multiprocess_mode="liveall")
+        self.outbound_opened = Counter("wasisup_outbound_connections_opened_total",
+                                       "Upstream connections opened")
+        self.outbound_reused = Counter("wasisup_outbound_connections_reused_total",
+                                       "Outbound requests sent on a pooled connection")
+        # the guests
+        self.guest_seconds = Counter("wasisup_guest_cpu_seconds_total",
+                                     "CPU time threads spent running guests (wasm, and the host "
+                                     "functions it calls)")
+        self.epoch_yields = Counter("wasisup_guest_epoch_yields_total",
+                                    "Times a computing guest gave its thread to the others")
+        self.instances = Gauge("wasisup_guest_instances",
+                               "Guest instances alive, busy with a request or idle, per worker",
+                               ["state"], multiprocess_mode="liveall")
         self.instantiations = Counter("wasisup_instantiations_total", "Guest instances created")
         self.instantiation_seconds = Histogram("wasisup_instantiation_seconds",
                                                "Time to instantiate a guest",
@@ -106,17 +156,32 @@ def get() -> Metrics:
     return _metrics
 
 
-_restarts: Any = None
+RESTART_REASONS = ("crash", "timeout", "max-requests", "reload")
 
 
-def worker_restarts() -> Any:
-    """The master's only metric: workers replaced after dying (at 0 from the start)."""
-    global _restarts
-    if _restarts is None:
-        from prometheus_client import Counter
+class MasterMetrics:
+    """The master's metrics: its workers. (It records no worker metric, so no series carries
+    its pid.)"""
 
-        _restarts = Counter("wasisup_worker_restarts_total", "Workers replaced after dying")
-    return _restarts
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.workers = Gauge("wasisup_workers", "Worker processes alive", multiprocess_mode="max")
+        self.restarts = Counter("wasisup_worker_restarts_total",
+                                "Workers replaced, by reason: crash (it died), timeout (it missed "
+                                "its heartbeats), max-requests, reload (HUP)", ["reason"])
+        for reason in RESTART_REASONS:  # every series from 0
+            self.restarts.labels(reason)
+
+
+_master: Optional[MasterMetrics] = None
+
+
+def master() -> MasterMetrics:
+    global _master
+    if _master is None:
+        _master = MasterMetrics()
+    return _master
 
 
 def worker_exited(pid: int) -> None:
@@ -126,6 +191,10 @@ def worker_exited(pid: int) -> None:
     path = os.environ[ENV]
     with _folding:
         multiprocess.mark_process_dead(pid, path)
+        # Its other gauge files hold the master's gauges at 0 (prometheus-client writes every
+        # metric a process has into its own files once the pid changes).
+        for dead in glob.glob(os.path.join(path, f"gauge_*_{pid}.db")):
+            os.unlink(dead)
         for kind in SUMMED_TYPES:
             dead = os.path.join(path, f"{kind}_{pid}.db")
             if os.path.exists(dead):

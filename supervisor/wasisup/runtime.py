@@ -105,6 +105,7 @@ class Guest:
         self.healthy = True
         self.running_since: Optional[float] = None  # in wasm since (None: not running)
         self.idle_since = 0.0
+        self.cpu_seconds = 0.0  # running the current request (wasm and host functions)
         try:
             instance = capi.instantiate(runtime.linker, self.store, runtime.component,
                                         self._starting_up)
@@ -157,10 +158,12 @@ class Guest:
         if self.waiting:
             self._computing()
         self.running_since = time.monotonic()
+        cpu = time.thread_time()
         try:
             done = self._call.poll()
         finally:
             self.running_since = None
+            self.cpu_seconds += time.thread_time() - cpu
         if not done:
             if self.context.failed:
                 message, self.context.failed = self.context.failed, None
@@ -196,6 +199,8 @@ class Guest:
         running = self.running_since
         if running is not None and now - running < EPOCH_TICK / 2:
             return capi.UPDATE_DEADLINE_CONTINUE, None
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.epoch_yields.inc()
         return capi.UPDATE_DEADLINE_YIELD, None
 
     def _trap(self, message: str) -> GuestTrap:
@@ -314,6 +319,9 @@ class Runtime:
         reuse limit, else closed."""
         self._running.discard(guest)
         guest.end()
+        if self.metrics is not None:
+            self.metrics.guest_seconds.inc(guest.cpu_seconds)
+        guest.cpu_seconds = 0.0
         if guest.healthy and guest.uses < self.max_instance_reuse:
             guest.idle_since = time.monotonic()
             self._idle_here().append(guest)
@@ -345,6 +353,10 @@ class Runtime:
             self.metrics.instantiations.inc()
             self.metrics.instantiation_seconds.observe(time.monotonic() - started)
         return guest
+
+    def instances(self) -> tuple[int, int]:
+        """Instances alive now: (busy with a request, idle)."""
+        return len(self._running), sum(map(len, list(self._all_idle)))
 
     def stuck_for(self) -> float:
         """How long the longest-running guest has been in wasm without yielding (0: none is)."""

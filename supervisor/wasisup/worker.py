@@ -63,7 +63,8 @@ class WasmWorker(Worker):
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
         outbound = OutboundClient(OutboundPolicy(cfg.allow_outbound),
-                                  Pool(idle_per_origin=cfg.max_concurrent_requests))
+                                  Pool(idle_per_origin=cfg.max_concurrent_requests,
+                                       metrics=stats), metrics=stats)
         self.compute_timeout = cfg.compute_timeout or cfg.timeout
         try:
             runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
@@ -107,17 +108,33 @@ class WasmWorker(Worker):
             self.log.error("a guest has run wasm for %.0f s without being interrupted; "
                            "no more heartbeats, so the master replaces this worker", stuck)
         self.outbound.pool.sweep()
+        self._report()
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)
             self.alive = False
         if not self.alive:  # also a stop that came before the server existed
             self._retire()
 
+    def _report(self) -> None:
+        """Set the gauges that say how much the worker holds now."""
+        stats, pool = metrics.get(), self.outbound.pool
+        stats.outbound_connections.labels("open").set(pool.open)
+        stats.outbound_connections.labels("idle").set(pool.idle)
+        busy, idle = self.runtime.instances()
+        stats.instances.labels("busy").set(busy)
+        stats.instances.labels("idle").set(idle)
+        stats.queued.set(self.server.queued())
+
     def _count_request(self) -> None:
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
+            self.note_exit("max-requests")
             self._retire()
+
+    def note_exit(self, reason: str) -> None:
+        """Tell the master why this worker is about to exit (it reads its heartbeat file)."""
+        os.pwrite(self.tmp.fileno(), reason.encode(), 0)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """TERM: graceful stop."""

@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Any, Optional
 
+from ..metrics import ORIGINS_PER_WORKER, method_label
 from ..wasi.abi import Err
 from ..wasi.http import (
     Fields, FutureIncomingResponse, IncomingResponse, OutgoingRequest, RequestOptions,
@@ -45,23 +46,60 @@ REPLAY_LIMIT = 64 * 1024
 class OutboundClient:
     """Sends guest requests where ``policy`` allows, to exactly the host and port it checked."""
 
-    def __init__(self, policy: OutboundPolicy = OutboundPolicy(), pool: Optional[Pool] = None) -> None:
+    def __init__(self, policy: OutboundPolicy = OutboundPolicy(), pool: Optional[Pool] = None,
+                 metrics: Any = None) -> None:
         self.policy = policy
         self.pool = pool or Pool()
+        self.metrics = metrics
+        self._origins: set[str] = set()  # those with a label of their own
 
     def send(self, request: OutgoingRequest, options: RequestOptions,
              waiter: Waiter) -> FutureIncomingResponse:
         """wasi:http/outgoing-handler.handle: check the request now, then start the exchange."""
+        target = None
         try:
             target = parse_target(scheme_wire(request.scheme() or "HTTPS"), request.authority())
             self.policy.check(target)
         except Refused as exc:
+            self.failed(method_wire(request.method()), target, exc.error_code, 0.0)
             raise Err(exc.error_code) from None
-        exchange = Exchange(self.pool, target, request, options, waiter)
+        exchange = Exchange(self, target, request, options, waiter)
         return FutureIncomingResponse(exchange.head, waiter)
+
+    # -- what exchanges report
+    def answered(self, method: str, target: Target, status: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.outbound_duration.labels(
+                method_label(method), self._origin(target), str(status), "").observe(seconds)
+
+    def failed(self, method: str, target: Optional[Target], code: Any, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.outbound_duration.labels(
+                method_label(method), self._origin(target), "", _code_name(code)).observe(seconds)
+
+    def body_failed(self, target: Target, code: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.outbound_body_errors.labels(self._origin(target), _code_name(code)).inc()
+
+    def _origin(self, target: Optional[Target]) -> str:
+        """The origin label: scheme://host:port for the first ORIGINS_PER_WORKER, then "other"."""
+        if target is None:
+            return "other"
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        origin = f"{target.scheme}://{host}:{target.port}"
+        if origin not in self._origins:
+            if len(self._origins) >= ORIGINS_PER_WORKER:
+                return "other"
+            self._origins.add(origin)
+        return origin
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _code_name(code: Any) -> str:
+    """The case of a wasi:http error-code (without its payload)."""
+    return code if isinstance(code, str) else code[0]
 
 
 def _ns(value: Optional[int]) -> int:
@@ -76,9 +114,10 @@ class Exchange:
     response's incoming-body).
     """
 
-    def __init__(self, pool: Pool, target: Target, request: OutgoingRequest,
+    def __init__(self, client: OutboundClient, target: Target, request: OutgoingRequest,
                  options: RequestOptions, waiter: Waiter) -> None:
-        self.pool = pool
+        self.client = client
+        self.pool = pool = client.pool
         self.target = target
         self.waiter = waiter
         self.method = method_wire(request.method())
@@ -87,7 +126,7 @@ class Exchange:
         self._connect_ns = _ns(options.connect)
         self._first_byte_ns = _ns(options.first_byte)
         self._between_bytes_ns = _ns(options.between_bytes)
-        self._started = time.monotonic_ns()
+        self._started = self._began = time.monotonic_ns()  # (the former is a replay's)
         self.conn: Optional[UpstreamConnection] = None
         self._connected_at = 0
         self._parser = ResponseParser()
@@ -322,6 +361,7 @@ class Exchange:
             fields = [(name, value) for name, value in fields if name.lower() != b"content-length"]
         self.response = IncomingResponse(head.status, Fields.from_pairs(fields),
                                          self.response_body, self.waiter)
+        self.client.answered(self.method, self.target, head.status, self._elapsed())
         self.release_if_done()
 
     # -- the response body
@@ -405,12 +445,12 @@ class Exchange:
 
     def _check_between_bytes(self) -> None:
         if time.monotonic_ns() - self._last_progress > self._between_bytes_ns:
-            self.body_error = IoError("no bytes from the upstream within the between-bytes timeout",
-                                      "connection-read-timeout")
-            self.discard()
+            self._body_failed("no bytes from the upstream within the between-bytes timeout",
+                              "connection-read-timeout")
 
-    def _body_failed(self, message: str) -> None:
-        self.body_error = IoError(message, "HTTP-response-incomplete")
+    def _body_failed(self, message: str, code: Any = "HTTP-response-incomplete") -> None:
+        self.body_error = IoError(message, code)
+        self.client.body_failed(self.target, code)
         self.discard()
 
     # -- what the guest's poll sleeps on
@@ -466,9 +506,13 @@ class Exchange:
         if self.error is None and self.response is None:
             log.debug("outbound %s %s failed: %s %s", self.method, self.target, code, detail)
             self.error = code
+            self.client.failed(self.method, self.target, code, self._elapsed())
         elif self.response is not None and self.body_error is None and not self.eof:
-            self.body_error = IoError(f"the upstream exchange failed: {detail or code}", code)
+            self._body_failed(f"the upstream exchange failed: {detail or code}", code)
         self.discard()
+
+    def _elapsed(self) -> float:
+        return (time.monotonic_ns() - self._began) / 1e9
 
     def discard(self) -> None:
         """Close the connection (it is not reusable) and stop working on this exchange."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import h11
 
+from ..metrics import method_label
 from ..runtime import Guest, GuestTrap, Runtime
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
@@ -148,6 +149,7 @@ class ResponseWriter:
         self.conn = conn
         self.state = "pending"  # -> "streaming" -> "done" | "aborted"
         self.status = 0
+        self.body_bytes = 0  # of the response body, written so far
         self.client_gone = False  # the client stopped taking the response
 
     # -- the response-outparam callback
@@ -214,6 +216,7 @@ class ResponseWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         self._send(self.conn.send_body, data)
+        self.body_bytes += len(data)
 
     def _send(self, send: Callable[..., None], *args: Any) -> None:
         try:
@@ -228,6 +231,7 @@ class ResponseWriter:
 
     def write_from_pipe(self, pipe: int, count: int) -> None:
         self._send(self.conn.send_body_from_pipe, pipe, count)
+        self.body_bytes += count
 
     def finish(self, trailers: Optional[Fields]) -> None:
         if self.state != "streaming":
@@ -302,6 +306,16 @@ class GuestHandler:
     def next_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
+    def count(self, method: bytes, status: int, seconds: float, received: int, sent: int) -> None:
+        """A request is over: into the metrics."""
+        stats = self.metrics
+        labels = (method_label(method.decode("ascii")), str(status))
+        stats.in_flight.dec()
+        stats.requests.labels(*labels).inc()
+        stats.duration.labels(*labels).observe(seconds)
+        stats.request_bytes.observe(received)
+        stats.response_bytes.observe(sent)
+
 
 class GuestCall:
     """One request in flight: the guest's incoming-handler run for it, from ``start`` through
@@ -316,7 +330,6 @@ class GuestCall:
         self.conn = conn
         self.request = request
         self.request_id = handler.next_id()
-        self.started = time.monotonic()
         self.writer = ResponseWriter(conn)
         self.body = ClientBody(conn, handler.body_limit)
         self.guest: Optional[Guest] = None
@@ -339,6 +352,8 @@ class GuestCall:
                 waiter=guest.context.waiter)
             guest.context.waiter.before_sleep.append(self.writer.flush)
             guest.start(incoming, ResponseOutparam(self.writer.deliver), self.request_id)
+            if self.handler.metrics is not None:
+                self.handler.metrics.wait.observe(time.monotonic() - request.received)
         except Exception as exc:
             self._failed(exc)
             self._end()
@@ -428,11 +443,10 @@ class GuestCall:
             handler.runtime.release(self.guest)
             self.guest = None
         writer.flush()
-        elapsed = time.monotonic() - self.started
+        elapsed = time.monotonic() - self.request.received
         if handler.metrics is not None:
-            handler.metrics.in_flight.dec()
-            handler.metrics.requests.labels(str(writer.status or 0)).inc()
-            handler.metrics.duration.observe(elapsed)
+            handler.count(self.request.method, writer.status, elapsed, self.body.received,
+                          writer.body_bytes)
         if handler.log_access:
             request = self.request
             access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(self.conn),

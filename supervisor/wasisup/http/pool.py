@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from .outbound_policy import Target
 
@@ -95,9 +95,11 @@ class UpstreamConnection:
     then TCP, then TLS for https."""
 
     def __init__(self, target: Target, tls: Optional[ssl.SSLContext],
-                 addresses: Optional[list[tuple]] = None) -> None:
+                 addresses: Optional[list[tuple]] = None,
+                 on_close: Optional[Callable[[], None]] = None) -> None:
         self.target = target
         self.reused = False
+        self._on_close = on_close
         self._tls = tls
         self.sock: Optional[socket.socket] = None
         self._resolution: Optional[Resolution] = None
@@ -221,6 +223,9 @@ class UpstreamConnection:
             self._resolution = None
         if self.sock is not None:
             self.sock.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
 
 def _writable_now(sock: socket.socket) -> bool:
@@ -242,13 +247,20 @@ def _connect_code(error: int) -> object:
 class Pool:
     """Idle keep-alive connections per origin, shared by a worker's threads."""
 
-    def __init__(self, idle_per_origin: int = IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, idle_per_origin: int = IDLE_PER_ORIGIN, idle_timeout: float = IDLE_TIMEOUT,
+                 metrics: Any = None) -> None:
         self.idle_per_origin = idle_per_origin
         self.idle_timeout = idle_timeout
+        self.metrics = metrics
         self._idle: dict[tuple[str, str, int], list[tuple[UpstreamConnection, float]]] = {}
         self._lock = threading.Lock()
         self._tls: Optional[ssl.SSLContext] = None
-        self.opened = 0  # connections opened by this worker, ever
+        self.open = 0  # connections open now, in use or idle
+
+    @property
+    def idle(self) -> int:
+        """Connections kept for reuse now."""
+        return sum(map(len, list(self._idle.values())))
 
     def connect(self, target: Target) -> UpstreamConnection:
         """A pooled connection to ``target`` if a live one is idle, else a new one (connecting)."""
@@ -261,9 +273,17 @@ class Pool:
                 target.host, target.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         except (socket.gaierror, UnicodeError):
             addresses = None
-        conn = UpstreamConnection(target, self._tls_context() if target.tls else None, addresses)
-        self.opened += 1
+        conn = UpstreamConnection(target, self._tls_context() if target.tls else None, addresses,
+                                  on_close=self._closed)
+        with self._lock:
+            self.open += 1
+        if self.metrics is not None:
+            self.metrics.outbound_opened.inc()
         return conn
+
+    def _closed(self) -> None:
+        with self._lock:
+            self.open -= 1
 
     def _checkout(self, target: Target) -> Optional[UpstreamConnection]:
         cutoff = time.monotonic() - self.idle_timeout
@@ -278,6 +298,8 @@ class Pool:
                 conn.close()
                 continue
             conn.reused = True
+            if self.metrics is not None:
+                self.metrics.outbound_reused.inc()
             return conn
 
     def release(self, conn: UpstreamConnection) -> None:

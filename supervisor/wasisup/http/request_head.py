@@ -11,7 +11,8 @@ what the guest sees as path-with-query and authority, and whether the connection
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import h11
@@ -66,6 +67,7 @@ class RequestHead:
     path_with_query: Optional[str]  # None for CONNECT
     authority: Optional[str]
     keep_alive: bool  # HTTP/1.1 without `Connection: close` (as h11, no 1.0 keep-alive)
+    received: float = field(default_factory=time.monotonic, compare=False)  # when it was whole
 
 
 class BadRequest(Exception):

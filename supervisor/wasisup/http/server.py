@@ -102,6 +102,10 @@ class Server:
         for thread in others:
             thread.join()
 
+    def queued(self) -> int:
+        """Requests waiting for admission, in every loop."""
+        return sum(len(loop.queued) for loop in self.loops)
+
     def start_drain(self) -> None:
         """The first loop to see the stop sets the deadline every loop drains by."""
         with self._lock:
