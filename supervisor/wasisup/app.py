@@ -78,11 +78,13 @@ def add_option(parser: argparse.ArgumentParser, setting: Setting) -> None:
     default = setting.default
     shown = ", ".join(map(str, default)) if isinstance(default, list) else default
     details = [f"config file: {setting.name}"] if setting.name != "config" else []
-    if shown not in (None, ""):
+    takes_value = setting.action in (None, "store", "append")
+    if shown not in (None, "") and takes_value:
         details.append(f"default: {shown}")
     help_text = setting.short + (f" ({'; '.join(details)})" if details else "")
-    parser.add_argument(*setting.cli, dest=setting.name, metavar=setting.meta,
-                        action=setting.action or "store", help=help_text.replace("%", "%%"))
+    value = {"metavar": setting.meta} if takes_value else {}
+    parser.add_argument(*setting.cli, dest=setting.name, action=setting.action or "store",
+                        help=help_text.replace("%", "%%"), **value)
 
 
 def build_parser(cfg: Config) -> argparse.ArgumentParser:
@@ -334,7 +336,7 @@ def _when_ready(arbiter: Arbiter) -> None:
     share_logging(arbiter.log)
     metrics.master()  # before the first fork: the series start at 0
     if arbiter.cfg.metrics_bind:
-        metrics.serve(arbiter.cfg.metrics_bind)
+        metrics.serve(arbiter.cfg.metrics_bind, lambda: arbiter.LISTENERS)
         arbiter.log.info("Metrics at http://%s/metrics", arbiter.cfg.metrics_bind)
     if not arbiter.cfg.allow_outbound:
         arbiter.log.warning("Outbound requests are unrestricted: guests may reach any host, "

@@ -14,10 +14,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
+import struct
 import tempfile
 import threading
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # OpenTelemetry's HTTP duration buckets (0.005 ... 10 s), with finer ones below and longer above.
@@ -29,6 +31,7 @@ SIZE_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 <
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 # Upstream origins labelled by name, per worker; the rest are "other".
 ORIGINS_PER_WORKER = 50
+TCP_INFO_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info
 # Types whose values add up across processes: a dead worker's go into "{type}_archive.db".
 SUMMED_TYPES = ("counter", "histogram", "summary")
 _OUR_FILES = (".db", ".db.tmp")
@@ -230,9 +233,20 @@ def _size(path: str) -> int:
         return 0
 
 
-def serve(bind: str) -> Any:
-    """Serve the aggregate of every process's metrics on ``bind`` (a thread in the master)."""
+def _accept_queue(sock: socket.socket) -> Optional[int]:
+    """Connections waiting in a listening TCP socket's accept queue (Linux puts its length in
+    ``tcpi_unacked``, as ``ss -lt`` shows it); None for other sockets."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_UNACKED + 4)
+    return struct.unpack_from("I", info, TCP_INFO_UNACKED)[0]
+
+
+def serve(bind: str, listeners: Callable[[], list[Any]]) -> Any:
+    """Serve the aggregate of every process's metrics on ``bind`` (a thread in the master),
+    and the accept queues of the ``listeners`` it binds (gunicorn's sockets)."""
     from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
 
     class Collector(MultiProcessCollector):
@@ -244,8 +258,23 @@ def serve(bind: str) -> Any:
                 return self.merge([path for path in glob.glob(os.path.join(self._path, "*.db"))
                                    if _size(path) >= HEADER_SIZE], accumulate=True)
 
+    class Backlog:
+        """Read at each scrape: requests beyond every worker's --max-concurrent-requests wait
+        here, as connections no worker has taken yet."""
+
+        def collect(self) -> Any:
+            family = GaugeMetricFamily(
+                "wasisup_listen_backlog", "Connections the kernel accepted that no worker has "
+                "taken yet, per listener", labels=["listener"])
+            for listener in listeners():
+                queued = _accept_queue(listener.sock)
+                if queued is not None:
+                    family.add_metric([str(listener)], queued)
+            yield family
+
     registry = CollectorRegistry()
     Collector(registry)
+    registry.register(Backlog())
     host, _, port = bind.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     return server

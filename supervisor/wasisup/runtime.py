@@ -127,10 +127,13 @@ class Guest:
         if self.context.waiter.interests is not None or self.context.failed:
             raise GuestTrap(self.context.failed or "it waits for I/O while starting up")
 
-    def start(self, request: abi.Resource, outparam: abi.Resource, request_id: str) -> None:
-        """Begin the guest's handler for one request; ``poll`` runs it."""
+    def start(self, request: abi.Resource, outparam: abi.Resource, request_id: str,
+              trace: Any = None) -> None:
+        """Begin the guest's handler for one request (in ``trace``, a wasisup.tracing.Trace,
+        if it is traced); ``poll`` runs it."""
         self.uses += 1
         self.context.request_id = request_id
+        self.context.trace = trace
         if self.runtime.request_timeout:
             self.context.waiter.deadline = (time.monotonic_ns()
                                             + int(self.runtime.request_timeout * 1e9))

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from gunicorn.config import Setting, validate_list_string, validate_string
+from gunicorn.config import Setting, validate_bool, validate_list_string, validate_string
 from gunicorn.util import parse_address
 
 from .http.outbound_policy import HostPattern
@@ -316,6 +316,23 @@ class MetricsBind(Setting):
     default = None
     desc = """\
         where the master serves Prometheus metrics (/metrics); unset: off
+        """
+
+
+class TraceContext(Setting):
+    name = "trace_context"
+    section = SECTION
+    cli = ["--no-trace-context"]
+    validator = validate_bool
+    action = "store_false"
+    default = True
+    desc = """\
+        leave W3C trace context (traceparent) to the guest: no spans, headers passed as it sets them
+
+        By default wasisup takes part in each request's trace: it reads the inbound
+        ``traceparent`` (or starts a trace), writes the trace id in the access log, and gives
+        each outbound request a ``traceparent`` naming a span of its own. Spans are exported
+        when OTEL_EXPORTER_OTLP_ENDPOINT is set and ``wasisup[otel]`` is installed.
         """
 
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from gunicorn.workers.base import Worker
 from setproctitle import setproctitle
 
-from . import metrics
+from . import metrics, tracing
 from .http.client import OutboundClient
 from .http.handler import GuestHandler
 from .http.outbound_policy import OutboundPolicy
@@ -62,9 +62,10 @@ class WasmWorker(Worker):
         prepared = self.app.prepared
         stats.component.labels(self.app.component_name, prepared.sha256).set(1)
         stats.compile_seconds.set(prepared.compile_seconds)
+        exporter = tracing.exporter_from_env() if cfg.trace_context else None
         outbound = OutboundClient(OutboundPolicy(cfg.allow_outbound),
                                   Pool(idle_per_origin=cfg.max_concurrent_requests,
-                                       metrics=stats), metrics=stats)
+                                       metrics=stats), metrics=stats, exporter=exporter)
         self.compute_timeout = cfg.compute_timeout or cfg.timeout
         try:
             runtime = Runtime(Path(self.app.cwasm), cfg.guest_env, outbound,
@@ -83,7 +84,8 @@ class WasmWorker(Worker):
                         header_timeout=cfg.header_timeout, min_data_rate=cfg.min_data_rate,
                         data_rate_grace=cfg.data_rate_grace)
         handler = GuestHandler(runtime, limits.request_body, metrics=stats,
-                               on_request=self._count_request)
+                               on_request=self._count_request, trace_context=cfg.trace_context,
+                               exporter=exporter)
         self.server = Server([s.sock for s in self.sockets], handler, threads=cfg.threads,
                              limits=limits, worker_connections=cfg.worker_connections,
                              max_in_flight=cfg.max_concurrent_requests,
@@ -99,6 +101,8 @@ class WasmWorker(Worker):
         self.server.serve(graceful_timeout=cfg.graceful_timeout)
         runtime.close()
         outbound.close()
+        if exporter is not None:
+            exporter.close()
 
     def _tick(self) -> None:
         stuck = self.runtime.stuck_for()

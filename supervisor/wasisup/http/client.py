@@ -18,6 +18,7 @@ import time
 from typing import Any, Optional
 
 from ..metrics import ORIGINS_PER_WORKER, method_label
+from ..tracing import Exporter, Trace, new_span_id
 from ..wasi.abi import Err
 from ..wasi.http import (
     Fields, FutureIncomingResponse, IncomingResponse, OutgoingRequest, RequestOptions,
@@ -47,35 +48,48 @@ class OutboundClient:
     """Sends guest requests where ``policy`` allows, to exactly the host and port it checked."""
 
     def __init__(self, policy: OutboundPolicy = OutboundPolicy(), pool: Optional[Pool] = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, exporter: Optional[Exporter] = None) -> None:
         self.policy = policy
         self.pool = pool or Pool()
         self.metrics = metrics
+        self.exporter = exporter
         self._origins: set[str] = set()  # those with a label of their own
 
-    def send(self, request: OutgoingRequest, options: RequestOptions,
-             waiter: Waiter) -> FutureIncomingResponse:
-        """wasi:http/outgoing-handler.handle: check the request now, then start the exchange."""
+    def send(self, request: OutgoingRequest, options: RequestOptions, waiter: Waiter,
+             trace: Optional[Trace] = None) -> FutureIncomingResponse:
+        """wasi:http/outgoing-handler.handle: check the request now, then start the exchange
+        (in a span of ``trace``, the inbound request's, if given)."""
         target = None
         try:
             target = parse_target(scheme_wire(request.scheme() or "HTTPS"), request.authority())
             self.policy.check(target)
         except Refused as exc:
-            self.failed(method_wire(request.method()), target, exc.error_code, 0.0)
+            self.ended(method_wire(request.method()), target, 0.0, error=exc.error_code)
             raise Err(exc.error_code) from None
-        exchange = Exchange(self, target, request, options, waiter)
+        exchange = Exchange(self, target, request, options, waiter, trace)
         return FutureIncomingResponse(exchange.head, waiter)
 
     # -- what exchanges report
-    def answered(self, method: str, target: Target, status: int, seconds: float) -> None:
+    def ended(self, method: str, target: Optional[Target], seconds: float, status: int = 0,
+              error: Any = None, trace: Optional[Trace] = None, span_id: str = "",
+              path: str = "") -> None:
+        """An outbound request got its response head (``status``) or failed (``error``, the
+        wasi:http error-code) after ``seconds``."""
+        error_type = _code_name(error) if error is not None else ""
         if self.metrics is not None:
             self.metrics.outbound_duration.labels(
-                method_label(method), self._origin(target), str(status), "").observe(seconds)
-
-    def failed(self, method: str, target: Optional[Target], code: Any, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.outbound_duration.labels(
-                method_label(method), self._origin(target), "", _code_name(code)).observe(seconds)
+                method_label(method), self._origin(target), str(status) if status else "",
+                error_type).observe(seconds)
+        if self.exporter is not None and trace is not None and target is not None:
+            attributes = {"http.request.method": method_label(method),
+                          "server.address": target.host, "server.port": target.port,
+                          "url.full": f"{target.scheme}://{target.authority}{path}"}
+            if status:
+                attributes["http.response.status_code"] = status
+            if error_type or status >= 400:
+                attributes["error.type"] = error_type or str(status)
+            self.exporter.client_span(trace, span_id, seconds, attributes,
+                                      failed=bool(error_type) or status >= 400)
 
     def body_failed(self, target: Target, code: Any) -> None:
         if self.metrics is not None:
@@ -102,6 +116,16 @@ def _code_name(code: Any) -> str:
     return code if isinstance(code, str) else code[0]
 
 
+def _with_trace_fields(headers: list[tuple[str, bytes]], trace: Trace,
+                       span_id: str) -> list[tuple[str, bytes]]:
+    """The guest's headers with the trace's: its traceparent always, its tracestate unless the
+    guest set one."""
+    guest_state = any(name == "tracestate" for name, _ in headers)
+    return [*((name, value) for name, value in headers if name != "traceparent"),
+            *((name, value) for name, value in trace.outbound_fields(span_id)
+              if name == "traceparent" or not guest_state)]
+
+
 def _ns(value: Optional[int]) -> int:
     return value if value is not None else DEFAULT_TIMEOUT_NS
 
@@ -115,7 +139,7 @@ class Exchange:
     """
 
     def __init__(self, client: OutboundClient, target: Target, request: OutgoingRequest,
-                 options: RequestOptions, waiter: Waiter) -> None:
+                 options: RequestOptions, waiter: Waiter, trace: Optional[Trace] = None) -> None:
         self.client = client
         self.pool = pool = client.pool
         self.target = target
@@ -123,6 +147,10 @@ class Exchange:
         self.method = method_wire(request.method())
         self._target = request.path_with_query() or "/"
         self._headers = request.header_fields.pairs()
+        self.trace, self.span_id = trace, ""
+        if trace is not None:
+            self.span_id = new_span_id()
+            self._headers = _with_trace_fields(self._headers, trace, self.span_id)
         self._connect_ns = _ns(options.connect)
         self._first_byte_ns = _ns(options.first_byte)
         self._between_bytes_ns = _ns(options.between_bytes)
@@ -361,7 +389,7 @@ class Exchange:
             fields = [(name, value) for name, value in fields if name.lower() != b"content-length"]
         self.response = IncomingResponse(head.status, Fields.from_pairs(fields),
                                          self.response_body, self.waiter)
-        self.client.answered(self.method, self.target, head.status, self._elapsed())
+        self._ended(status=head.status)
         self.release_if_done()
 
     # -- the response body
@@ -506,13 +534,14 @@ class Exchange:
         if self.error is None and self.response is None:
             log.debug("outbound %s %s failed: %s %s", self.method, self.target, code, detail)
             self.error = code
-            self.client.failed(self.method, self.target, code, self._elapsed())
+            self._ended(error=code)
         elif self.response is not None and self.body_error is None and not self.eof:
             self._body_failed(f"the upstream exchange failed: {detail or code}", code)
         self.discard()
 
-    def _elapsed(self) -> float:
-        return (time.monotonic_ns() - self._began) / 1e9
+    def _ended(self, status: int = 0, error: Any = None) -> None:
+        self.client.ended(self.method, self.target, (time.monotonic_ns() - self._began) / 1e9,
+                          status, error, self.trace, self.span_id, self._target)
 
     def discard(self) -> None:
         """Close the connection (it is not reusable) and stop working on this exchange."""

@@ -17,8 +17,10 @@ from typing import Any, Callable, Optional
 
 import h11
 
+from .. import tracing
 from ..metrics import method_label
 from ..runtime import Guest, GuestTrap, Runtime
+from ..tracing import Exporter
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
@@ -292,11 +294,14 @@ class GuestHandler:
     """What every request's guest call shares: the runtime, limits, metrics, the access log."""
 
     def __init__(self, runtime: Runtime, body_limit: int = 0, metrics: Any = None,
-                 on_request: Optional[Callable[[], None]] = None) -> None:
+                 on_request: Optional[Callable[[], None]] = None, trace_context: bool = True,
+                 exporter: Optional[Exporter] = None) -> None:
         self.runtime = runtime
         self.body_limit = body_limit
         self.metrics = metrics
         self.on_request = on_request
+        self.trace_context = trace_context  # take part in W3C trace context (see tracing)
+        self.exporter = exporter
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
         # gunicorn gives the access logger handlers only for --access-logfile; without one a
@@ -333,6 +338,7 @@ class GuestCall:
         self.writer = ResponseWriter(conn)
         self.body = ClientBody(conn, handler.body_limit)
         self.guest: Optional[Guest] = None
+        self.trace = tracing.incoming(request.fields) if handler.trace_context else None
         if handler.metrics is not None:
             handler.metrics.in_flight.inc()
 
@@ -351,7 +357,8 @@ class GuestCall:
                 body=self.body,
                 waiter=guest.context.waiter)
             guest.context.waiter.before_sleep.append(self.writer.flush)
-            guest.start(incoming, ResponseOutparam(self.writer.deliver), self.request_id)
+            guest.start(incoming, ResponseOutparam(self.writer.deliver), self.request_id,
+                        self.trace)
             if self.handler.metrics is not None:
                 self.handler.metrics.wait.observe(time.monotonic() - request.received)
         except Exception as exc:
@@ -447,14 +454,37 @@ class GuestCall:
         if handler.metrics is not None:
             handler.count(self.request.method, writer.status, elapsed, self.body.received,
                           writer.body_bytes)
+        if handler.exporter is not None and self.trace is not None:
+            handler.exporter.server_span(self.trace, elapsed, self._span_attributes(),
+                                         writer.status)
         if handler.log_access:
             request = self.request
-            access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s]', _peer(self.conn),
+            access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s trace=%s]', _peer(self.conn),
                             request.method.decode(), request.target.decode(errors="replace"),
                             request.http_version.decode(), writer.status or "-",
-                            elapsed * 1000, self.request_id)
+                            elapsed * 1000, self.request_id,
+                            self.trace.trace_id if self.trace is not None else "-")
         if handler.on_request is not None:
             handler.on_request()
+
+    def _span_attributes(self) -> dict[str, Any]:
+        """The server span's attributes (OpenTelemetry's HTTP semantic conventions)."""
+        request, status = self.request, self.writer.status
+        method = request.method.decode("ascii")
+        path, _, query = (request.path_with_query or "").partition("?")
+        attributes: dict[str, Any] = {
+            "http.request.method": method_label(method), "url.scheme": "http", "url.path": path,
+            "network.protocol.version": request.http_version.decode(),
+            "client.address": _peer(self.conn), "wasisup.request_id": self.request_id}
+        if method_label(method) != method:
+            attributes["http.request.method_original"] = method
+        if query:
+            attributes["url.query"] = query
+        if status:
+            attributes["http.response.status_code"] = status
+        if status >= 500 or not status:
+            attributes["error.type"] = str(status) if status else "no-response"
+        return attributes
 
 
 def _peer(conn: Connection) -> str:

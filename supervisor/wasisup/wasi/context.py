@@ -18,6 +18,7 @@ class WasiContext(Resources):
         self.outbound = outbound  # wasisup.http.client.OutboundClient: sends guest requests
         self.waiter = Waiter()
         self.request_id = "-"
+        self.trace: Any = None  # the request's wasisup.tracing.Trace (None: not traced)
         self.stdout = LogSink("stdout", self._request_id)
         self.stderr = LogSink("stderr", self._request_id)
 
@@ -26,6 +27,7 @@ class WasiContext(Resources):
 
     def end_request(self) -> None:
         """Flush what the guest printed without a final newline."""
+        self.trace = None
         self.stdout.flush_line()
         self.stderr.flush_line()
 

@@ -607,7 +607,7 @@ def http_error_code(store: Any, err: IoError) -> Any:
 
 def handle_outgoing(store: Any, request: OutgoingRequest,
                     options: Optional[RequestOptions]) -> FutureIncomingResponse:
-    return store.outbound.send(request, options or RequestOptions(), store.waiter)
+    return store.outbound.send(request, options or RequestOptions(), store.waiter, store.trace)
 
 
 INTERFACES = [
