@@ -140,10 +140,11 @@ def _number(pattern: str, text: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def wrk(url: str, seconds: float, connections: int = 16) -> Load:
-    """Load ``url`` with wrk (2 threads) for ``seconds``."""
+def wrk(url: str, seconds: float, connections: int = 16, headers: Mapping[str, str] = {}) -> Load:
+    """Load ``url`` with wrk (2 threads) for ``seconds``, sending ``headers`` with each request."""
+    fields = [f"-H{name}: {value}" for name, value in headers.items()]
     try:
-        out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", url],
+        out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", *fields, url],
                              capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
         raise SetupError("wrk is missing (apt-get install wrk)") from None

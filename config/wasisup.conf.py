@@ -44,3 +44,5 @@ bind = ["127.0.0.1:8080"]           # HOST:PORT or unix:PATH, several allowed (-
 # errorlog = "-"                    # the log ("-": stderr); guest stdout/stderr go here too
 # accesslog = None                  # one line per request ("-": stdout)
 # metrics_bind = "127.0.0.1:9090"   # Prometheus /metrics, served by the master
+# trace_context = True              # W3C traceparent: read inbound, a span id of our own outbound
+#                                   # (spans exported with OTEL_EXPORTER_OTLP_ENDPOINT and wasisup[otel])

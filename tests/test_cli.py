@@ -264,7 +264,7 @@ def test_readme_lists_every_option_with_its_default():
         option, default = rows.pop(setting.name)
         longs = [flag for flag in setting.cli if flag.startswith("--")]
         flags = [flag for flag in setting.cli if flag not in longs] + longs[:1]
-        assert option == f"{', '.join(flags)} {setting.meta}"
+        assert option == " ".join([", ".join(flags), *([setting.meta] if setting.meta else [])])
         shown = ", ".join(setting.default) if isinstance(setting.default, list) else setting.default
         assert default == ("" if shown is None else str(shown)), setting.name
     assert not rows, f"README lists options wasisup does not have: {rows}"

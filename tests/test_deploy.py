@@ -8,17 +8,21 @@ and build a local base image with debootstrap when the machine has none.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_until
+from echo_upstream import EchoHandler  # (guest/, on the path conftest sets)
 
 pytestmark = pytest.mark.deploy
 
@@ -157,3 +161,103 @@ def test_container_health_check_reports_healthy(image, upstream):
         assert exit_code == "0"
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "wasisup.json"
+
+
+def prometheus_tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is missing: apt-get install prometheus (.ci/run does)")
+    return found
+
+
+def test_the_prometheus_configuration_and_alert_rules_check(tmp_path):
+    # Debian builds Prometheus without Kubernetes discovery: its promtool checks the rest.
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    config["scrape_configs"] = [job for job in config["scrape_configs"]
+                                if "kubernetes_sd_configs" not in job]
+    config["rule_files"] = [str(PROMETHEUS / name) for name in config["rule_files"]]
+    checkable = tmp_path / "prometheus.yml"
+    checkable.write_text(yaml.safe_dump(config))
+    promtool = prometheus_tool("promtool")
+    for what, path in (("rules", PROMETHEUS / "alerts.yml"), ("config", checkable)):
+        checked = subprocess.run([promtool, "check", what, str(path)], capture_output=True,
+                                 text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+class _ClosingEcho(EchoHandler):
+    """The echo upstream, one request a connection: once it stops, nothing pooled answers."""
+
+    protocol_version = "HTTP/1.0"
+
+
+def test_prometheus_scrapes_wasisup_and_answers_the_dashboard(serve, tmp_path):
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _ClosingEcho)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    metrics_port, prometheus_port = free_port(), free_port()
+    server = serve("proxy", "-w", "2", "--metrics-bind", f"127.0.0.1:{metrics_port}",
+                   "--env", f"UPSTREAM=http://127.0.0.1:{upstream.server_address[1]}")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(PROMETHEUS / "alerts.yml")],
+        "scrape_configs": [{"job_name": "wasisup",
+                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
+    prometheus = subprocess.Popen(
+        [prometheus_tool("prometheus"), f"--config.file={config}",
+         f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{prometheus_port}/api/v1"
+
+    def query(expr: str) -> list[dict]:
+        url = f"{api}/query?{urllib.parse.urlencode({'query': expr})}"
+        status, _, body = get(url)
+        answer = json.loads(body)
+        assert status == 200 and answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            server.request("GET", "/slow?seconds=0.05")
+            server.request("GET", "/?status=404")
+
+    loaders = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        wait_for(f"{api}/status/buildinfo")
+        for thread in loaders:
+            thread.start()
+        per_worker = wait_until(lambda: query("wasisup_requests_in_flight"), timeout=60,
+                                what="the in-flight series")
+        assert len({series["metric"]["pid"] for series in per_worker}) == 2
+        wait_until(lambda: {r["metric"]["code"] for r in query(
+            "sum by (code) (rate(wasisup_requests_total[10s])) > 0")} >= {"200", "404"},
+            what="request rates by code")
+        p99 = query('histogram_quantile(0.99, sum by (le) '
+                    '(rate(wasisup_outbound_request_duration_seconds_bucket{error=""}[10s])))')
+        assert 0.05 <= float(p99[0]["value"][1]) <= 10
+        for panel in json.loads(DASHBOARD.read_text())["panels"]:
+            for target in panel["targets"]:
+                query(target["expr"].replace("$__rate_interval", "10s"))
+
+        upstream.shutdown()
+        upstream.server_close()
+        errors = wait_until(lambda: {r["metric"]["error"] for r in query(
+            'sum by (error) (rate(wasisup_outbound_request_duration_seconds_count{error!=""}[10s]))'
+            ' > 0')}, what="upstream errors by kind")
+        assert errors == {"connection-refused"}
+        groups = json.loads(get(f"{api}/rules")[2])["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        assert len(rules) >= 7 and all(rule["health"] == "ok" for rule in rules), rules
+    finally:
+        stop.set()
+        for thread in loaders:
+            thread.join(30)
+        prometheus.terminate()
+        prometheus.wait(30)

@@ -128,9 +128,10 @@ class Metrics:
         self.outbound_reused = Counter("wasisup_outbound_connections_reused_total",
                                        "Outbound requests sent on a pooled connection")
         # the guests
-        self.guest_seconds = Counter("wasisup_guest_cpu_seconds_total",
-                                     "CPU time threads spent running guests (wasm, and the host "
-                                     "functions it calls)")
+        self.guest_seconds = Counter("wasisup_guest_seconds_total",
+                                     "Time threads spent running guests (wasm, and the host "
+                                     "functions it calls): a guest never blocks its thread, so "
+                                     "this is CPU time (and any the OS took the core away)")
         self.epoch_yields = Counter("wasisup_guest_epoch_yields_total",
                                     "Times a computing guest gave its thread to the others")
         self.instances = Gauge("wasisup_guest_instances",
@@ -147,6 +148,16 @@ class Metrics:
         self.compile_seconds = Gauge("wasisup_component_compile_seconds",
                                      "How long compiling the served component took (0: cached)",
                                      multiprocess_mode="liveall")
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, family: Any, *labels: str) -> Any:
+        """``family.labels(*labels)``, remembered: on the request path, prometheus-client's
+        own lookup (it checks the labels each time) costs more than the update."""
+        key = (family, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found
 
 
 _metrics: Optional[Metrics] = None

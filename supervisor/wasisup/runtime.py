@@ -105,7 +105,7 @@ class Guest:
         self.healthy = True
         self.running_since: Optional[float] = None  # in wasm since (None: not running)
         self.idle_since = 0.0
-        self.cpu_seconds = 0.0  # running the current request (wasm and host functions)
+        self.run_seconds = 0.0  # in wasm for the current request (and the host functions it calls)
         try:
             instance = capi.instantiate(runtime.linker, self.store, runtime.component,
                                         self._starting_up)
@@ -160,13 +160,12 @@ class Guest:
         is then spent."""
         if self.waiting:
             self._computing()
-        self.running_since = time.monotonic()
-        cpu = time.thread_time()
+        self.running_since = started = time.monotonic()
         try:
             done = self._call.poll()
         finally:
             self.running_since = None
-            self.cpu_seconds += time.thread_time() - cpu
+            self.run_seconds += time.monotonic() - started
         if not done:
             if self.context.failed:
                 message, self.context.failed = self.context.failed, None
@@ -323,8 +322,8 @@ class Runtime:
         self._running.discard(guest)
         guest.end()
         if self.metrics is not None:
-            self.metrics.guest_seconds.inc(guest.cpu_seconds)
-        guest.cpu_seconds = 0.0
+            self.metrics.guest_seconds.inc(guest.run_seconds)
+        guest.run_seconds = 0.0
         if guest.healthy and guest.uses < self.max_instance_reuse:
             guest.idle_since = time.monotonic()
             self._idle_here().append(guest)

@@ -38,7 +38,7 @@ def _random_id(bits: int) -> str:
     return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """Where one inbound request stands in its trace."""
 

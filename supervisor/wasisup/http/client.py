@@ -77,9 +77,9 @@ class OutboundClient:
         wasi:http error-code) after ``seconds``."""
         error_type = _code_name(error) if error is not None else ""
         if self.metrics is not None:
-            self.metrics.outbound_duration.labels(
-                method_label(method), self._origin(target), str(status) if status else "",
-                error_type).observe(seconds)
+            self.metrics.child(self.metrics.outbound_duration, method_label(method),
+                               self._origin(target), str(status) if status else "",
+                               error_type).observe(seconds)
         if self.exporter is not None and trace is not None and target is not None:
             attributes = {"http.request.method": method_label(method),
                           "server.address": target.host, "server.port": target.port,

@@ -316,8 +316,8 @@ class GuestHandler:
         stats = self.metrics
         labels = (method_label(method.decode("ascii")), str(status))
         stats.in_flight.dec()
-        stats.requests.labels(*labels).inc()
-        stats.duration.labels(*labels).observe(seconds)
+        stats.child(stats.requests, *labels).inc()
+        stats.child(stats.duration, *labels).observe(seconds)
         stats.request_bytes.observe(received)
         stats.response_bytes.observe(sent)
 
