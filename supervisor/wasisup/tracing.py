@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from .http.outbound_policy import Target
+from .metrics import method_label
+
 log = logging.getLogger("wasisup.tracing")
 
 # version-traceid-parentid-flags; a version after 00 may add fields after a dash.
@@ -97,19 +100,43 @@ class Exporter:
         self._processor, self._resource = processor, resource
         self._scope = InstrumentationScope("wasisup", __version__)
 
-    def server_span(self, trace: Trace, seconds: float, attributes: dict[str, Any],
-                    status: int) -> None:
-        """The span of an inbound request that took ``seconds`` and has just ended."""
+    def server_span(self, trace: Trace, seconds: float, method: str, path_with_query: str,
+                    http_version: str, peer: str, status: int, request_id: str) -> None:
+        """The span of an inbound request that took ``seconds`` and has just ended (status 0:
+        no response was sent)."""
+        path, _, query = path_with_query.partition("?")
+        attributes: dict[str, Any] = {
+            "http.request.method": method_label(method), "url.scheme": "http", "url.path": path,
+            "network.protocol.version": http_version, "client.address": peer,
+            "wasisup.request_id": request_id}
+        if method_label(method) != method:
+            attributes["http.request.method_original"] = method
+        if query:
+            attributes["url.query"] = query
+        if status:
+            attributes["http.response.status_code"] = status
+        failed = status >= 500 or not status
+        if failed:
+            attributes["error.type"] = str(status) if status else "no-response"
         parent = (None if trace.parent_id is None
                   else self._context(trace, trace.parent_id, remote=True))
-        self._export(trace, trace.span_id, parent, "SERVER", seconds, attributes,
-                     error=status >= 500 or status == 0)
+        self._export(trace, trace.span_id, parent, "SERVER", seconds, attributes, failed)
 
-    def client_span(self, trace: Trace, span_id: str, seconds: float,
-                    attributes: dict[str, Any], failed: bool) -> None:
-        """The span of an outbound request, a child of ``trace``'s server span."""
+    def client_span(self, trace: Trace, span_id: str, seconds: float, method: str,
+                    target: Target, path_with_query: str, status: int, error: str) -> None:
+        """The span of an outbound request (a child of ``trace``'s server span) that got its
+        response head (``status``) or failed (``error``, a wasi:http error-code)."""
+        attributes: dict[str, Any] = {
+            "http.request.method": method_label(method), "server.address": target.host,
+            "server.port": target.port,
+            "url.full": f"{target.scheme}://{target.authority}{path_with_query}"}
+        if status:
+            attributes["http.response.status_code"] = status
+        failed = bool(error) or status >= 400
+        if failed:
+            attributes["error.type"] = error or str(status)
         self._export(trace, span_id, self._context(trace, trace.span_id, remote=False),
-                     "CLIENT", seconds, attributes, error=failed)
+                     "CLIENT", seconds, attributes, failed)
 
     def _context(self, trace: Trace, span_id: str, remote: bool) -> Any:
         api = self._api
@@ -117,12 +144,12 @@ class Exporter:
                                trace_flags=api.TraceFlags(trace.flags))
 
     def _export(self, trace: Trace, span_id: str, parent: Any, kind: str, seconds: float,
-                attributes: dict[str, Any], error: bool) -> None:
+                attributes: dict[str, Any], failed: bool) -> None:
         if not trace.sampled:
             return
         api = self._api
         end = time.time_ns()
-        status = api.Status(api.StatusCode.ERROR if error else api.StatusCode.UNSET)
+        status = api.Status(api.StatusCode.ERROR if failed else api.StatusCode.UNSET)
         span = self._span(
             attributes["http.request.method"], context=self._context(trace, span_id, False),
             parent=parent, resource=self._resource, attributes=attributes,

@@ -81,15 +81,8 @@ class OutboundClient:
                                self._origin(target), str(status) if status else "",
                                error_type).observe(seconds)
         if self.exporter is not None and trace is not None and target is not None:
-            attributes = {"http.request.method": method_label(method),
-                          "server.address": target.host, "server.port": target.port,
-                          "url.full": f"{target.scheme}://{target.authority}{path}"}
-            if status:
-                attributes["http.response.status_code"] = status
-            if error_type or status >= 400:
-                attributes["error.type"] = error_type or str(status)
-            self.exporter.client_span(trace, span_id, seconds, attributes,
-                                      failed=bool(error_type) or status >= 400)
+            self.exporter.client_span(trace, span_id, seconds, method, target, path, status,
+                                      error_type)
 
     def body_failed(self, target: Target, code: Any) -> None:
         if self.metrics is not None:

@@ -455,8 +455,11 @@ class GuestCall:
             handler.count(self.request.method, writer.status, elapsed, self.body.received,
                           writer.body_bytes)
         if handler.exporter is not None and self.trace is not None:
-            handler.exporter.server_span(self.trace, elapsed, self._span_attributes(),
-                                         writer.status)
+            request = self.request
+            handler.exporter.server_span(
+                self.trace, elapsed, request.method.decode("ascii"),
+                request.path_with_query or request.target.decode("ascii", "replace"),
+                request.http_version.decode(), _peer(self.conn), writer.status, self.request_id)
         if handler.log_access:
             request = self.request
             access_log.info('%s "%s %s HTTP/%s" %s %.1fms [%s trace=%s]', _peer(self.conn),
@@ -466,25 +469,6 @@ class GuestCall:
                             self.trace.trace_id if self.trace is not None else "-")
         if handler.on_request is not None:
             handler.on_request()
-
-    def _span_attributes(self) -> dict[str, Any]:
-        """The server span's attributes (OpenTelemetry's HTTP semantic conventions)."""
-        request, status = self.request, self.writer.status
-        method = request.method.decode("ascii")
-        path, _, query = (request.path_with_query or "").partition("?")
-        attributes: dict[str, Any] = {
-            "http.request.method": method_label(method), "url.scheme": "http", "url.path": path,
-            "network.protocol.version": request.http_version.decode(),
-            "client.address": _peer(self.conn), "wasisup.request_id": self.request_id}
-        if method_label(method) != method:
-            attributes["http.request.method_original"] = method
-        if query:
-            attributes["url.query"] = query
-        if status:
-            attributes["http.response.status_code"] = status
-        if status >= 500 or not status:
-            attributes["error.type"] = str(status) if status else "no-response"
-        return attributes
 
 
 def _peer(conn: Connection) -> str:
