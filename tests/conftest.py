@@ -211,6 +211,18 @@ def run_cli(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProce
                           timeout=60, env={**os.environ, **(env or {})})
 
 
+def error_line(*args: str, env: dict | None = None) -> str:
+    """Run wasisup; it must fail at once with one line `wasisup: error: ...`, exit status 2."""
+    started = time.monotonic()
+    result = run_cli(*args, env=env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wasisup: error: "), result.stderr
+    assert elapsed < 2, f"took {elapsed:.1f} s"
+    return lines[0]
+
+
 def wasisup_argv(component: Path, *args: str, port: int) -> list[str]:
     return [sys.executable, "-m", "wasisup", "-b", f"127.0.0.1:{port}", *args, str(component)]
 

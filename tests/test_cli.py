@@ -9,31 +9,18 @@ import os
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from gunicorn.config import Config
 
-from conftest import ROOT, build_guest, guest, run_cli, wasmtime_cli
+from conftest import ROOT, build_guest, error_line, guest, run_cli, wasmtime_cli
 from wasisup.app import exposed_settings
 from wasisup.settings import adopt
 
 VERSION = importlib.metadata.version("wasisup")
 WASMTIME = importlib.metadata.version("wasmtime")
 GUNICORN = importlib.metadata.version("gunicorn")
-
-
-def error_line(*args: str, env: dict | None = None) -> str:
-    """Run wasisup; it must fail at once with one line `wasisup: error: ...`, exit status 2."""
-    started = time.monotonic()
-    result = run_cli(*args, env=env)
-    elapsed = time.monotonic() - started
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wasisup: error: "), result.stderr
-    assert elapsed < 2, f"took {elapsed:.1f} s"
-    return lines[0]
 
 
 # -- 1. counts that would serve nothing

@@ -199,3 +199,10 @@ def test_spans_reach_an_otlp_collector_with_their_links(serve, upstream):
     assert server_span.start_time_unix_nano <= client_span.start_time_unix_nano
     assert client_span.end_time_unix_nano <= server_span.end_time_unix_nano
     assert server_span.name == client_span.name == "GET"
+
+
+def test_the_config_file_can_turn_trace_context_off(serve, upstream, tmp_path):
+    config = tmp_path / "untraced.conf.py"
+    config.write_text("trace_context = False\n")
+    server, _ = served(serve, "-c", str(config), upstream=upstream)
+    assert upstream_saw(server, {"traceparent": TRACEPARENT}) == {"traceparent": TRACEPARENT}

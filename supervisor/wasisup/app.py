@@ -17,6 +17,7 @@ import runpy
 import shlex
 import signal
 import socket
+import ssl
 import stat
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ from setproctitle import setproctitle
 
 from . import __version__, metrics
 from .compile import WASMTIME_VERSION, CompileError, Prepared, component_kind, prepare
-from .settings import REUSED, SECTION, adopt
+from .http.tls import TlsContext
+from .settings import HOOKS, REUSED, SECTION, adopt
 from .usage import ENV_ARGS, Parser, UsageError, check_utf8
 
 log = logging.getLogger("wasisup")
@@ -84,7 +86,7 @@ def add_option(parser: argparse.ArgumentParser, setting: Setting) -> None:
     help_text = setting.short + (f" ({'; '.join(details)})" if details else "")
     value = {"metavar": setting.meta} if takes_value else {}
     parser.add_argument(*setting.cli, dest=setting.name, action=setting.action or "store",
-                        help=help_text.replace("%", "%%"), **value)
+                        default=None, help=help_text.replace("%", "%%"), **value)
 
 
 def build_parser(cfg: Config) -> argparse.ArgumentParser:
@@ -167,6 +169,7 @@ class WasiApplication(BaseApplication):
     def __init__(self, argv: Sequence[str]) -> None:
         self.argv = list(argv)
         self.prepared: Prepared | None = None
+        self.tls: TlsContext | None = None  # the listeners' TLS, when --certfile is given
         super().__init__(usage="wasisup [OPTIONS] COMPONENT", prog="wasisup")
 
     def do_load_config(self) -> None:
@@ -198,6 +201,16 @@ class WasiApplication(BaseApplication):
             raise UsageError("no COMPONENT given: name the .wasm or .cwasm to serve "
                              "(see wasisup --help)")
         component_kind(Path(cfg.component))  # a wrong file is named before a busy port
+        if cfg.is_ssl:
+            if cfg.cert_reqs == ssl.CERT_REQUIRED and not cfg.ca_certs:
+                raise UsageError("--cert-reqs 2 requires client certificates, checked against "
+                                 "--ca-certs FILE: give it")
+            try:
+                self.tls = TlsContext(cfg)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        else:
+            self.tls = None
         if self.prepared is None:  # at start; on reload our master holds these addresses
             for address in cfg.address:
                 check_bindable(address)
@@ -239,9 +252,11 @@ class WasiApplication(BaseApplication):
             namespace = runpy.run_path(path)
         except Exception as exc:
             raise UsageError(f"config file {path}: {type(exc).__name__}: {exc}") from None
-        known = {s.name for s in exposed_settings(self.cfg)} | {"component"}
+        known = {s.name for s in exposed_settings(self.cfg)} | {"component", *HOOKS}
         for name, value in namespace.items():
-            if name.startswith("_") or callable(value) or type(value).__name__ == "module":
+            if name.startswith("_") or type(value).__name__ == "module":
+                continue
+            if callable(value) and name not in HOOKS:
                 continue
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
@@ -252,11 +267,11 @@ class WasiApplication(BaseApplication):
     def reload(self) -> None:
         """HUP: re-read the configuration; if it is now broken, keep the old one (and say so
         with ReloadRefused, so the arbiter keeps its workers too)."""
-        previous_cfg, previous = self.cfg, self.prepared
+        previous_cfg, previous, previous_tls = self.cfg, self.prepared, self.tls
         try:
             self.do_load_config()
         except (UsageError, CompileError) as exc:
-            self.cfg, self.prepared = previous_cfg, previous
+            self.cfg, self.prepared, self.tls = previous_cfg, previous, previous_tls
             raise ReloadRefused(str(exc)) from None
         if previous is None or previous.sha256 != self.prepared.sha256:
             log.info("reloaded %s (sha256 %s)", self.component_name, self.prepared.sha256[:12])

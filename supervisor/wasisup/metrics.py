@@ -148,6 +148,11 @@ class Metrics:
         self.compile_seconds = Gauge("wasisup_component_compile_seconds",
                                      "How long compiling the served component took (0: cached)",
                                      multiprocess_mode="liveall")
+        self.tls_handshake_failures = Counter("wasisup_tls_handshake_failures_total",
+                                              "TLS handshakes that failed or were refused")
+        self.tls_reloads = Counter("wasisup_tls_reloads_total", "Certificate files that "
+                                   "changed on disk, by outcome: ok (new connections get them) "
+                                   "or failed (they keep the previous ones)", ["outcome"])
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, family: Any, *labels: str) -> Any:

@@ -138,6 +138,13 @@ def validate_patterns(value: object) -> list[str]:
     return patterns
 
 
+def validate_cert_reqs(value: object) -> int:
+    text = str(value).strip()
+    if text not in ("0", "1", "2"):
+        raise ValueError(f"{value!r} is not 0, 1 or 2 (none, optional, required)")
+    return int(text)
+
+
 _GUNICORN = object()  # "as gunicorn has it"
 
 
@@ -196,6 +203,15 @@ REUSED: dict[str, Reuse] = {
     "proc_name": Reuse('NAME in the process titles "wasisup: master [NAME]" and '
                        '"wasisup: worker [NAME]"; unset: the file name of the component',
                        meta="NAME"),
+    "certfile": Reuse("serve HTTPS with this certificate (PEM; with its chain); reloaded "
+                      "when the file changes", meta="FILE"),
+    "keyfile": Reuse("the private key of --certfile (PEM), if not in that file", meta="FILE"),
+    "ca_certs": Reuse("CA certificates (PEM) that client certificates are checked against",
+                      meta="FILE"),
+    "cert_reqs": Reuse("client certificates: 0 not asked for, 1 checked if sent, 2 required "
+                       "(with --ca-certs)", default=0, validator=validate_cert_reqs, meta="N"),
+    "ciphers": Reuse("OpenSSL cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's); unset: "
+                     "Python's defaults", meta="CIPHERS"),
     "worker_connections": Reuse("open client connections a worker holds at most; beyond, "
                                 "new ones wait in the backlog", validator=validate_positive),
     # Heartbeat files in memory: a /tmp on disk can stall them (gunicorn #1194).
@@ -203,6 +219,11 @@ REUSED: dict[str, Reuse] = {
                             "else the system's temporary directory)", meta="DIR",
                             default="/dev/shm" if os.path.isdir("/dev/shm") else None),
 }
+
+
+# gunicorn's hooks a config file may define (functions; no flag): ssl_context(config,
+# default_ssl_context_factory) returns the SSLContext TLS connections get.
+HOOKS = ("ssl_context",)
 
 
 def adopt(settings: dict[str, Setting]) -> None:

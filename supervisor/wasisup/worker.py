@@ -26,6 +26,7 @@ from .http.outbound_policy import OutboundPolicy
 from .http.pool import Pool
 from .http.request_head import Limits
 from .http.server import Server
+from .http.tls import TlsContext
 from .compile import CompileError
 from .runtime import Runtime
 from .wasi.linker import LinkError
@@ -41,6 +42,7 @@ class WasmWorker(Worker):
     """A worker process: one Runtime, one HTTP server on the inherited sockets."""
 
     server: Optional[Server] = None
+    tls: Optional[TlsContext] = None
 
     def init_process(self) -> None:
         setproctitle(f"wasisup: worker [{self.app.component_name}]")
@@ -86,11 +88,14 @@ class WasmWorker(Worker):
         handler = GuestHandler(runtime, limits.request_body, metrics=stats,
                                on_request=self._count_request, trace_context=cfg.trace_context,
                                exporter=exporter)
+        self.tls = self.app.tls  # (the master's, loaded from the files it found)
+        if self.tls is not None:
+            self.tls.metrics = stats
         self.server = Server([s.sock for s in self.sockets], handler, threads=cfg.threads,
                              limits=limits, worker_connections=cfg.worker_connections,
                              max_in_flight=cfg.max_concurrent_requests,
                              on_tick=self._tick, on_idle=runtime.prepare,
-                             on_sweep=runtime.trim, workers=cfg.workers)
+                             on_sweep=runtime.trim, workers=cfg.workers, tls=self.tls)
         self.runtime, self.outbound = runtime, outbound
         self.log.info("Worker ready: %s, %d event loop%s, up to %d requests at once",
                       self.app.component_name, cfg.threads, "s"[:cfg.threads > 1],
@@ -112,6 +117,8 @@ class WasmWorker(Worker):
             self.log.error("a guest has run wasm for %.0f s without being interrupted; "
                            "no more heartbeats, so the master replaces this worker", stuck)
         self.outbound.pool.sweep()
+        if self.tls is not None:
+            self.tls.check()
         self._report()
         if self.ppid != os.getppid():
             self.log.info("Parent changed, shutting down: %s", self)

@@ -17,6 +17,7 @@ import fcntl
 import os
 import select
 import socket
+import ssl
 import struct
 import termios
 import time
@@ -41,8 +42,12 @@ UNSENT_LIMIT = 512 * 1024
 SIOCOUTQNSD = 0x894B  # Linux: bytes in a socket's send queue not sent yet
 
 
+READ, WRITE = select.POLLIN, select.POLLOUT
+
+
 class ClientGone(Exception):
-    """The client closed the connection (or it broke) before a request head was complete."""
+    """The client closed the connection (or it broke, or its TLS handshake failed) before a
+    request head was complete."""
 
 
 class MinDataRate:
@@ -87,6 +92,8 @@ class Connection:
 
     def __init__(self, sock: socket.socket, peer: Any, limits: Limits) -> None:
         sock.setblocking(False)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls_wants = READ  # what the TLS handshake waits for (READ or WRITE)
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         if self._tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -97,7 +104,7 @@ class Connection:
         self.peer = peer
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
-        self.state = "head"
+        self.state = "handshake" if self.tls else "head"
         self.out = bytearray()
         self.must_close = False  # the next response announces `Connection: close`
         self.broken = False  # close after this response: its framing can't be trusted
@@ -115,15 +122,35 @@ class Connection:
         self._skipped = 0  # empty lines before it
         self._response = ResponseFraming()
 
+    # -- TLS
+    def handshake(self) -> bool:
+        """Advance the TLS handshake: True once it is done, False while it waits (for
+        ``tls_wants``). Raises ClientGone if it failed."""
+        try:
+            self.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.tls_wants = READ
+            return False
+        except ssl.SSLWantWriteError:
+            self.tls_wants = WRITE
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            raise ClientGone(f"TLS handshake: {exc}") from None
+        self.state = "head"
+        return True
+
     # -- reading
     def receive(self) -> Optional[bool]:
         """Feed h11 what the socket has now: True if something came, None if nothing did,
         False when the client closed (or the connection broke)."""
         try:
             data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+            if self.tls:  # (TLS hands out a record at a time: what it decrypted goes too)
+                while self.sock.pending() and len(data) < RECV_SIZE:  # type: ignore[attr-defined]
+                    data += self.sock.recv(RECV_SIZE - len(data))
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
-        except OSError:
+        except OSError:  # (ssl.SSLZeroReturnError too: a clean TLS close)
             data = b""
         self.received += len(data)
         if self.h11.their_state is h11.IDLE:
@@ -200,8 +227,9 @@ class Connection:
         self._write(self._response.frame(data))
 
     def takes_pipe(self) -> bool:
-        """Can body bytes come from a pipe (``send_body_from_pipe``)? Not when chunked."""
-        return self._response.raw
+        """Can body bytes come from a pipe (``send_body_from_pipe``)? Not when chunked, nor
+        over TLS (the bytes must be encrypted on the way)."""
+        return self._response.raw and not self.tls
 
     def send_body_from_pipe(self, pipe: int, count: int) -> None:
         """Like ``send_body`` for ``count`` bytes waiting in ``pipe``: they go to the socket
@@ -263,8 +291,11 @@ class Connection:
         if not self._may_send():
             return 0
         try:
-            sent = self.sock.sendmsg(buffers, [], flags)
-        except (BlockingIOError, InterruptedError):
+            if self.tls:  # (no sendmsg, no flags over TLS)
+                sent = self.sock.send(b"".join(buffers))
+            else:
+                sent = self.sock.sendmsg(buffers, [], flags)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
         self.sent += sent
         return sent

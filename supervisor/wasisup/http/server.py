@@ -37,9 +37,10 @@ from typing import Callable, Optional
 
 from ..loop import CLOSED, IN, OUT, Loop, Timer
 from ..wasi.io import READABLE, WRITABLE
-from .connection import ClientGone, Connection
+from .connection import READ, ClientGone, Connection
 from .handler import GuestCall, GuestHandler
 from .request_head import BadRequest, Limits, RequestHead
+from .tls import TlsContext, looks_like_plain_http
 
 log = logging.getLogger("wasisup.server")
 
@@ -62,8 +63,10 @@ class Server:
                  limits: Limits = Limits(), worker_connections: int = 1000,
                  max_in_flight: int = 1000, on_tick: Optional[Callable[[], None]] = None,
                  on_idle: Optional[Callable[[], None]] = None,
-                 on_sweep: Optional[Callable[[], None]] = None, workers: int = 1) -> None:
+                 on_sweep: Optional[Callable[[], None]] = None, workers: int = 1,
+                 tls: Optional[TlsContext] = None) -> None:
         self.listeners = listeners
+        self.tls = tls  # the listeners speak HTTPS
         self.alone = workers * threads == 1  # no other loop to leave connections to
         self.handler = handler
         self.limits = limits
@@ -195,7 +198,25 @@ class ServerLoop:
                     log.error("accept failed: %s", exc)
                     return
                 raise
-            self._read_head(self._adopt(sock, peer))  # the head often arrives with it
+            self._open(sock, peer)
+
+    def _open(self, sock: socket.socket, peer: object) -> None:
+        """A new connection: its TLS handshake or its first request head (which often
+        arrives with it)."""
+        sock.setblocking(False)
+        tls = self.server.tls
+        if tls is None:
+            self._read_head(self._adopt(sock, peer))
+        elif looks_like_plain_http(sock):
+            self._refuse(self._adopt(sock, peer), 400,
+                         "this port speaks HTTPS: plain HTTP was sent to it")
+        else:
+            try:
+                wrapped = tls.wrap(sock)
+            except (OSError, ValueError):
+                sock.close()
+                return
+            self._handshake(self._adopt(wrapped, peer))
 
     def _adopt(self, sock: socket.socket, peer: object) -> Connection:
         conn = Connection(sock, peer, self.limits)
@@ -203,6 +224,20 @@ class ServerLoop:
         if self._draining:
             conn.must_close = True
         return conn
+
+    def _handshake(self, conn: Connection) -> None:
+        try:
+            done = conn.handshake()
+        except ClientGone as exc:
+            log.debug("%s: %s", conn.peer, exc)
+            if self.handler.metrics is not None:
+                self.handler.metrics.tls_handshake_failures.inc()
+            self._close(conn)
+            return
+        if done:
+            self._read_head(conn)
+        else:
+            self._watch(conn, IN if conn.tls_wants == READ else OUT)
 
     def _accept_delay(self) -> float:
         if self.server.alone:
@@ -230,6 +265,8 @@ class ServerLoop:
     def _on_event(self, conn: Connection, events: int) -> None:
         if conn.state == "head":
             self._read_head(conn)
+        elif conn.state == "handshake":
+            self._handshake(conn)
         elif conn.state == "flush":
             self._flush(conn)
         elif conn.state == "linger":
@@ -306,7 +343,7 @@ class ServerLoop:
         self._run_hook(self.server.on_sweep)
         for conn in list(self.connections.values()):
             state = conn.state
-            if state == "head":
+            if state in ("head", "handshake"):  # (a handshake is due within the head's time)
                 if conn.head_started is not None:
                     if now - conn.head_started > self.limits.header_timeout:
                         if conn.partial_head:
@@ -432,7 +469,7 @@ class ServerLoop:
                     sock, peer = listener.accept()
                 except OSError:
                     break
-                self._read_head(self._adopt(sock, peer))
+                self._open(sock, peer)
 
     def _shutdown(self) -> None:
         for call in list(self.calls.values()):
