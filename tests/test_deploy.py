@@ -33,11 +33,21 @@ IMAGE = "wasisup:test"
 
 
 def render_kustomization(directory: Path) -> list[dict]:
-    """What `kubectl kustomize` makes of deploy/kubernetes: resources, generated ConfigMaps,
+    """What `kubectl kustomize` makes of deploy/kubernetes (or an overlay of it): resources
+    (files, or directories rendered in turn), strategic-merge patches, generated ConfigMaps,
     common labels (no kustomize binary is needed for these plain manifests)."""
     spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    documents = [doc for name in spec["resources"]
-                 for doc in yaml.safe_load_all((directory / name).read_text()) if doc]
+    documents = []
+    for name in spec["resources"]:
+        if (directory / name).is_dir():
+            documents += render_kustomization(directory / name)
+        else:
+            documents += [doc for doc in yaml.safe_load_all((directory / name).read_text()) if doc]
+    for patch in spec.get("patches", []):
+        change = yaml.safe_load((directory / patch["path"]).read_text())
+        target = next(doc for doc in documents if doc["kind"] == change["kind"]
+                      and doc["metadata"]["name"] == change["metadata"]["name"])
+        merge(target, change)
     for generator in spec.get("configMapGenerator", []):
         documents.append({
             "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
@@ -49,17 +59,39 @@ def render_kustomization(directory: Path) -> list[dict]:
     return documents
 
 
-def test_kubernetes_manifests_validate(tmp_path):
-    documents = render_kustomization(KUBERNETES)
-    kinds = sorted(doc["kind"] for doc in documents)
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                     "Service"]
+def merge(target: dict, change: dict) -> None:
+    """A strategic merge, as far as these manifests need: maps merge, lists of named items
+    merge by name, other lists are replaced."""
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        elif (isinstance(value, list) and isinstance(target.get(key), list)
+              and all(isinstance(item, dict) and "name" in item for item in value)):
+            for item in value:
+                same = next((old for old in target[key] if old.get("name") == item["name"]), None)
+                if same is None:
+                    target[key].append(item)
+                else:
+                    merge(same, item)
+        else:
+            target[key] = value
+
+
+def validate(documents: list[dict], tmp_path: Path) -> None:
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all(documents))
     validator = Path(sys.executable).with_name("kubernetes-validate")
     result = subprocess.run([str(validator), "--strict", str(rendered)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_manifests_validate(tmp_path):
+    documents = render_kustomization(KUBERNETES)
+    kinds = sorted(doc["kind"] for doc in documents)
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                     "Service"]
+    validate(documents, tmp_path)
 
     deployment = next(d for d in documents if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -74,6 +106,23 @@ def test_kubernetes_manifests_validate(tmp_path):
     assert {"readinessProbe", "livenessProbe", "resources"} <= set(container)
     workers = next(e for e in container["env"] if e["name"] == "WEB_CONCURRENCY")
     assert workers["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+
+
+def test_the_https_overlay_mounts_the_secret_it_names_and_probes_over_https(tmp_path):
+    documents = render_kustomization(KUBERNETES / "tls")
+    validate(documents, tmp_path)
+    pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    secret = next(v for v in pod["volumes"] if "secret" in v)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == secret["name"])
+    args = next(e for e in container["env"] if e["name"] == "WASISUP_CMD_ARGS")["value"].split()
+    assert args == ["--certfile", f"{mount['mountPath']}/tls.crt",
+                    "--keyfile", f"{mount['mountPath']}/tls.key"]  # a kubernetes.io/tls Secret's keys
+    assert "subPath" not in mount  # (the kubelet updates no subPath mount when the Secret changes)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    assert any(e["name"] == "UPSTREAM" for e in container["env"])  # the base's env is kept
+    assert len([d for d in documents if d["kind"] == "Deployment"]) == 1
 
 
 @pytest.fixture(scope="module")
