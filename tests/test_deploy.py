@@ -191,12 +191,23 @@ def test_container_serves_proxies_reports_and_drains(image, upstream):
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
-def test_container_health_check_reports_healthy(image, upstream):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_container_health_check_reports_healthy(image, upstream, scheme, tmp_path):
     port = free_port()
     name = f"wasisup-health-{port}"
+    args, mounts = f"-b 127.0.0.1:{port}", []
+    if scheme == "https":  # a certificate the container's user can read, mounted read-only
+        tmp_path.chmod(0o755)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+                        str(tmp_path / "tls.key"), "-out", str(tmp_path / "tls.crt"), "-days", "1",
+                        "-subj", "/CN=localhost"], check=True, capture_output=True)
+        (tmp_path / "tls.key").chmod(0o644)
+        args += " --certfile /etc/wasisup-tls/tls.crt --keyfile /etc/wasisup-tls/tls.key"
+        mounts = ["-v", f"{tmp_path}:/etc/wasisup-tls:ro"]
     try:
-        docker_run(name, "-e", f"WASISUP_CMD_ARGS=-b 127.0.0.1:{port}",
-                   "-e", f"WASISUP_HEALTH_URL=http://127.0.0.1:{port}/healthz", image)
+        docker_run(name, *mounts, "-e", f"WASISUP_CMD_ARGS={args}",
+                   "-e", f"WASISUP_HEALTH_URL={scheme}://127.0.0.1:{port}/healthz", image)
         deadline = time.monotonic() + 60
         status = ""
         while time.monotonic() < deadline and status != "healthy":
