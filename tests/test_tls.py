@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import error_line, free_port, guest, metrics_text, wait_until
+from conftest import error_line, free_port, guest, metrics_text, upstream_peak, wait_until
 
 
 def openssl(*args: str) -> None:
@@ -261,3 +261,32 @@ def test_the_config_files_ssl_context_hook_shapes_the_context(serve, tmp_path, p
     assert old.returncode != 0 and "alert" in old.stderr.lower(), old.stderr
     new = curl("--cacert", str(pki["ca"]), "--resolve", resolve, "-w", "%{http_code}", url)
     assert new.stdout.endswith("200"), new.stderr
+
+
+def test_a_graceful_stop_finishes_requests_in_flight_over_tls(serve, tmp_path, pki, upstream):
+    cert, key = served_files(tmp_path, pki)
+    server = serve("proxy", "--env", f"UPSTREAM={upstream}", "--certfile", str(cert),
+                   "--keyfile", str(key))
+    context = client_context(pki)
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(https, server.port, context, "GET", "/slow?seconds=2&group=tls-drain",
+                             None, 30) for _ in range(3)]
+        wait_until(lambda: upstream_peak(upstream, "tls-drain") == 3, what="3 requests in flight")
+        server.send_signal(signal.SIGTERM)
+        assert [call.result()[0] for call in calls] == [200, 200, 200]
+    assert server.proc.wait(30) == 0
+
+
+def test_a_response_ended_by_closing_ends_with_a_close_notify(serve, tmp_path, pki):
+    cert, key = served_files(tmp_path, pki)
+    server = serve("hello", "--certfile", str(cert), "--keyfile", str(key))
+    context = client_context(pki)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        # (a cut connection would raise SSLEOFError here, not end the read)
+        with context.wrap_socket(raw, server_hostname="localhost",
+                                 suppress_ragged_eofs=False) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello from wasm\n")

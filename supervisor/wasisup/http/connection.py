@@ -139,6 +139,18 @@ class Connection:
         self.state = "head"
         return True
 
+    def close_write(self) -> None:
+        """Send nothing more: over TLS a close_notify first (so the client can tell the end of
+        a response from a cut connection), then the TCP FIN. OSError if it broke."""
+        if self.tls:
+            try:
+                self.sock.unwrap()  # type: ignore[attr-defined]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass  # (sent; the client's own close_notify is not awaited)
+            except (ssl.SSLError, ValueError):
+                pass  # (no TLS session to close: the FIN alone)
+        self.sock.shutdown(socket.SHUT_WR)
+
     # -- reading
     def receive(self) -> Optional[bool]:
         """Feed h11 what the socket has now: True if something came, None if nothing did,

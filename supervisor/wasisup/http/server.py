@@ -311,7 +311,7 @@ class ServerLoop:
         """Close the sending side, then drop what the client still sends for a while: closing
         with unread input would reset the connection and could destroy our last response."""
         try:
-            conn.sock.shutdown(socket.SHUT_WR)
+            conn.close_write()
         except OSError:
             self._close(conn)
             return
