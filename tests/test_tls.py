@@ -161,11 +161,15 @@ def test_clients_that_never_finish_a_handshake_hold_up_nobody(serve, tmp_path, p
 
 def test_client_certificates_are_required_with_cert_reqs_2(serve, tmp_path, pki):
     cert, key = served_files(tmp_path, pki)
+    metrics_port = free_port()
     server = serve("hello", "--certfile", str(cert), "--keyfile", str(key),
-                   "--cert-reqs", "2", "--ca-certs", str(pki["ca"]))
+                   "--cert-reqs", "2", "--ca-certs", str(pki["ca"]),
+                   "--metrics-bind", f"127.0.0.1:{metrics_port}")
     assert https(server.port, client_context(pki, certificate=True))[0] == 200
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         https(server.port, client_context(pki))
+    wait_until(lambda: re.search(r"^wasisup_tls_handshake_failures_total [1-9]",
+                                 scraped(metrics_port), re.M), what="the refused handshake counted")
     line = error_line("--certfile", str(cert), "--keyfile", str(key), "--cert-reqs", "2",
                       str(guest("hello")))
     assert "--ca-certs" in line
