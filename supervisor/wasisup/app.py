@@ -336,13 +336,13 @@ class WasiArbiter(Arbiter):
         """Why a worker that exited did: the reason it wrote (see ``WasmWorker.note_exit``),
         or its timeout, or else it crashed."""
         note = self.exit_notes.pop(worker.pid, None)
-        written = b""
+        written = ""
         if note is not None:
-            written = os.pread(note, 64, 0)
+            written = os.pread(note, 64, 0).decode(errors="replace")
             os.close(note)
         if worker.aborted:
             return "timeout"
-        return written.decode() if written.decode() in metrics.RESTART_REASONS else "crash"
+        return written if written in metrics.RESTART_REASONS else "crash"
 
 
 def _when_ready(arbiter: Arbiter) -> None:

@@ -20,7 +20,6 @@ import h11
 from .. import tracing
 from ..metrics import method_label
 from ..runtime import Guest, GuestTrap, Runtime
-from ..tracing import Exporter
 from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
@@ -295,7 +294,7 @@ class GuestHandler:
 
     def __init__(self, runtime: Runtime, body_limit: int = 0, metrics: Any = None,
                  on_request: Optional[Callable[[], None]] = None, trace_context: bool = True,
-                 exporter: Optional[Exporter] = None) -> None:
+                 exporter: Optional[tracing.Exporter] = None) -> None:
         self.runtime = runtime
         self.body_limit = body_limit
         self.metrics = metrics

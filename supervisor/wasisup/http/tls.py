@@ -41,7 +41,7 @@ class TlsContext:
         self._stamps = self._identity()
         try:
             self.current = ssl_context(cfg)
-        except (OSError, ssl.SSLError, ValueError) as exc:
+        except Exception as exc:  # (the files, or the config file's ssl_context hook)
             raise ValueError(f"TLS: {describe(exc)} (--certfile {cfg.certfile}, --keyfile "
                              f"{cfg.keyfile}"
                              f"{', --ca-certs ' + cfg.ca_certs if cfg.ca_certs else ''})") from None
@@ -71,7 +71,7 @@ class TlsContext:
         self._stamps = stamps  # (a pair that fails is tried again when a file changes again)
         try:
             context = ssl_context(self.cfg)
-        except (OSError, ssl.SSLError, ValueError) as exc:
+        except Exception as exc:  # (the files, or the config file's ssl_context hook)
             log.error("the changed certificate files do not load, new connections keep the "
                       "previous certificate: %s", describe(exc))
             self._count("failed")
@@ -85,7 +85,8 @@ class TlsContext:
             self.metrics.tls_reloads.labels(outcome).inc()
 
     def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
-        """A server-side TLS socket over ``sock``, its handshake left to ``handshake``."""
+        """A server-side TLS socket over ``sock``, its handshake left to the event loop
+        (``Connection.handshake``)."""
         return self.current.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
@@ -95,7 +96,7 @@ def describe(exc: BaseException) -> str:
         return exc.reason.lower().replace("_", " ")  # e.g. "key values mismatch"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
+    return str(exc) or type(exc).__name__
 
 
 def looks_like_plain_http(sock: socket.socket) -> bool:
