@@ -122,7 +122,9 @@ def test_bodies_both_ways_over_tls(serve, tmp_path, pki):
     server = serve("echo", "--certfile", str(cert), "--keyfile", str(key))
     body = os.urandom(1 << 20).hex().encode()  # 2 MB: many TLS records each way
     status, answer, _ = https(server.port, client_context(pki), "POST", "/up", body)
-    assert status == 200 and json.loads(answer)["body"] == body.decode()
+    echoed = json.loads(answer)
+    assert status == 200 and echoed["body"] == body.decode()
+    assert echoed["scheme"] == "Https"  # the guest sees the request came over TLS
 
 
 def test_plain_http_to_a_tls_port_is_told_so(serve, tmp_path, pki):

@@ -100,13 +100,14 @@ class Exporter:
         self._processor, self._resource = processor, resource
         self._scope = InstrumentationScope("wasisup", __version__)
 
-    def server_span(self, trace: Trace, seconds: float, method: str, path_with_query: str,
-                    http_version: str, peer: str, status: int, request_id: str) -> None:
+    def server_span(self, trace: Trace, seconds: float, method: str, scheme: str,
+                    path_with_query: str, http_version: str, peer: str, status: int,
+                    request_id: str) -> None:
         """The span of an inbound request that took ``seconds`` and has just ended (status 0:
         no response was sent)."""
         path, _, query = path_with_query.partition("?")
         attributes: dict[str, Any] = {
-            "http.request.method": method_label(method), "url.scheme": "http", "url.path": path,
+            "http.request.method": method_label(method), "url.scheme": scheme, "url.path": path,
             "network.protocol.version": http_version, "client.address": peer,
             "wasisup.request_id": request_id}
         if method_label(method) != method:

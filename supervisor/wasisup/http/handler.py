@@ -350,7 +350,7 @@ class GuestCall:
             incoming = IncomingRequest(
                 method=request.method.decode("ascii"),
                 path_with_query=request.path_with_query,
-                scheme="http",
+                scheme="https" if self.conn.tls else "http",
                 authority=request.authority,
                 headers=Fields.from_pairs(request.fields),
                 body=self.body,
@@ -457,6 +457,7 @@ class GuestCall:
             request = self.request
             handler.exporter.server_span(
                 self.trace, elapsed, request.method.decode("ascii"),
+                "https" if self.conn.tls else "http",
                 request.path_with_query or request.target.decode("ascii", "replace"),
                 request.http_version.decode(), _peer(self.conn), writer.status, self.request_id)
         if handler.log_access:
