@@ -467,3 +467,17 @@ def test_restarts_are_counted_by_reason(serve):
     wait_until(lambda: counted("reload") == 1, what="a reload")
     assert counted("max-requests") == 1 and counted("timeout") == 0
     assert "wasisup_workers 1.0" in metrics_text(metrics_port)
+
+
+def test_a_worker_that_misses_its_heartbeats_is_counted_as_a_timeout(serve):
+    metrics_port = free_port()
+    server = serve("hello", "-w", "1", "--timeout", "2",
+                   "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    master = server.proc.pid
+    stuck = wait_until(lambda: workers(master), what="a worker")[0]
+    os.kill(stuck, signal.SIGSTOP)  # no more heartbeats; the master aborts, then kills it
+    wait_until(lambda: 'wasisup_worker_restarts_total{reason="timeout"} 1.0'
+               in metrics_text(metrics_port), what="a timeout restart")
+    assert 'wasisup_worker_restarts_total{reason="crash"} 0.0' in metrics_text(metrics_port)
+    wait_until(lambda: workers(master) and stuck not in workers(master), what="its successor")
+    assert server.request("GET", "/")[0] == 200
