@@ -11,6 +11,7 @@ it lazily.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -165,14 +166,10 @@ class Metrics:
         return found
 
 
-_metrics: Optional[Metrics] = None
-
-
+@functools.cache
 def get() -> Metrics:
-    global _metrics
-    if _metrics is None:
-        _metrics = Metrics()
-    return _metrics
+    """This process's metrics (made on first use)."""
+    return Metrics()
 
 
 RESTART_REASONS = ("crash", "timeout", "max-requests", "reload")
@@ -193,14 +190,10 @@ class MasterMetrics:
             self.restarts.labels(reason)
 
 
-_master: Optional[MasterMetrics] = None
-
-
+@functools.cache
 def master() -> MasterMetrics:
-    global _master
-    if _master is None:
-        _master = MasterMetrics()
-    return _master
+    """The master's metrics (made on first use, before the first fork)."""
+    return MasterMetrics()
 
 
 def worker_exited(pid: int) -> None:

@@ -26,9 +26,11 @@ from typing import Any, Callable, Optional
 
 import h11
 
+from ..wasi.io import READABLE
 from .framing import chunk, field_lines, last_chunk
 from .request_head import (BadRequest, Limits, RequestHead, check_head, protocol_error,
                            skip_empty_lines)
+from .tls import handshake_step
 
 RECV_SIZE = 64 * 1024
 # Response bytes held for a client that has not taken them yet: beyond this the guest waits
@@ -40,9 +42,6 @@ DIRECT_SEND = 16 * 1024
 # keep a fast client's pipe full, little for a client that stops reading.
 UNSENT_LIMIT = 512 * 1024
 SIOCOUTQNSD = 0x894B  # Linux: bytes in a socket's send queue not sent yet
-
-
-READ, WRITE = select.POLLIN, select.POLLOUT
 
 
 class ClientGone(Exception):
@@ -93,7 +92,7 @@ class Connection:
     def __init__(self, sock: socket.socket, peer: Any, limits: Limits) -> None:
         sock.setblocking(False)
         self.tls = isinstance(sock, ssl.SSLSocket)
-        self.tls_wants = READ  # what the TLS handshake waits for (READ or WRITE)
+        self.tls_wants = READABLE  # what the TLS handshake waits for (READABLE or WRITABLE)
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         if self._tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -127,15 +126,11 @@ class Connection:
         """Advance the TLS handshake: True once it is done, False while it waits (for
         ``tls_wants``). Raises ClientGone if it failed."""
         try:
-            self.sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            self.tls_wants = READ
-            return False
-        except ssl.SSLWantWriteError:
-            self.tls_wants = WRITE
-            return False
+            self.tls_wants = handshake_step(self.sock)  # type: ignore[arg-type]
         except (ssl.SSLError, OSError) as exc:
             raise ClientGone(f"TLS handshake: {exc}") from None
+        if self.tls_wants:
+            return False
         self.state = "head"
         return True
 

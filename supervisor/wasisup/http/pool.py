@@ -18,9 +18,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
+from ..wasi.io import READABLE, WRITABLE
 from .outbound_policy import Target
+from .tls import handshake_step
 
-READABLE, WRITABLE = select.POLLIN, select.POLLOUT
 # Kept per origin for reuse; more than this many idle connections to one origin are closed. A
 # worker passes its cap on requests in flight: fewer would close connections a burst of answers
 # hands back only to open them again for the next burst.
@@ -163,15 +164,11 @@ class UpstreamConnection:
                                               do_handshake_on_connect=False)
             self._phase = "tls"
         try:
-            self.sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            self._wants = READABLE
-            return False
-        except ssl.SSLWantWriteError:
-            self._wants = WRITABLE
-            return False
+            self._wants = handshake_step(self.sock)  # type: ignore[arg-type]
         except (ssl.SSLError, OSError) as exc:
             raise ConnectFailed("TLS-protocol-error", f"TLS handshake: {exc}") from None
+        if self._wants:
+            return False
         self._phase = "open"
         return True
 

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 from ..loop import CLOSED, IN, OUT, Loop, Timer
 from ..wasi.io import READABLE, WRITABLE
-from .connection import READ, ClientGone, Connection
+from .connection import ClientGone, Connection
 from .handler import GuestCall, GuestHandler
 from .request_head import BadRequest, Limits, RequestHead
 from .tls import TlsContext, looks_like_plain_http
@@ -237,7 +237,7 @@ class ServerLoop:
         if done:
             self._read_head(conn)
         else:
-            self._watch(conn, IN if conn.tls_wants == READ else OUT)
+            self._watch(conn, IN if conn.tls_wants & READABLE else OUT)
 
     def _accept_delay(self) -> float:
         if self.server.alone:

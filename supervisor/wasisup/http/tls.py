@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 from gunicorn.sock import ssl_context
 
+from ..wasi.io import READABLE, WRITABLE
+
 log = logging.getLogger("wasisup.tls")
 
 CHECK_INTERVAL = 5.0  # seconds between looks at the certificate files
@@ -97,6 +99,18 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def handshake_step(sock: ssl.SSLSocket) -> int:
+    """Advance a non-blocking TLS handshake (either side): 0 once it is done, else what the
+    socket must become first (READABLE or WRITABLE). ssl.SSLError or OSError if it failed."""
+    try:
+        sock.do_handshake()
+    except ssl.SSLWantReadError:
+        return READABLE
+    except ssl.SSLWantWriteError:
+        return WRITABLE
+    return 0
 
 
 def looks_like_plain_http(sock: socket.socket) -> bool:
