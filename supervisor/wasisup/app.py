@@ -201,6 +201,13 @@ class WasiApplication(BaseApplication):
             raise UsageError("no COMPONENT given: name the .wasm or .cwasm to serve "
                              "(see wasisup --help)")
         component_kind(Path(cfg.component))  # a wrong file is named before a busy port
+        if cfg.http2_cleartext != "off":
+            if "h2" not in cfg.http_protocols:
+                raise UsageError("--http2-cleartext serves HTTP/2, which --http-protocols "
+                                 "leaves out: add h2 to it")
+            if cfg.is_ssl:
+                raise UsageError("--http2-cleartext is for listeners without TLS; with "
+                                 "--certfile, HTTP/2 is chosen by ALPN: drop one of them")
         if cfg.is_ssl:
             if cfg.cert_reqs == ssl.CERT_REQUIRED and not cfg.ca_certs:
                 raise UsageError("--cert-reqs 2 requires client certificates, checked against "

@@ -4,11 +4,13 @@ A small, explicit core in the way of asyncio's: ``watch`` an fd once for some ev
 one-shot mode: whoever watches re-arms), ``call_at`` a time, ``call_soon``; ``run_once`` waits
 for the first of them and runs what is due (ready work for a slice of time at most, so sockets
 are looked at often however long the queue). Callbacks run on the loop's thread; only ``wake``
-may be called from another.
+may be called from another. A ``new_signal`` is watched like an fd but made ready by ``signal``
+on the loop's own thread (an HTTP/2 stream's news: no fd, no system call).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -59,6 +61,8 @@ class Loop:
         self._registered: set[int] = set()  # fds epoll knows (armed or spent)
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()  # (ties in the timer heap)
+        self._signals = itertools.count(-1, -1)  # (negative: never an fd)
+        self._signal_events: dict[int, int] = {}  # what each watched signal waits for
         self._soon: deque[Callable[[], None]] = deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, IN)
@@ -67,6 +71,9 @@ class Loop:
     def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
         """Call ``callback(events)`` once, when ``fd`` is ready for ``events`` (or closed)."""
         self._watchers[fd] = callback
+        if fd < 0:  # a signal: ``signal`` runs it
+            self._signal_events[fd] = events | CLOSED
+            return
         mask = events | select.EPOLLONESHOT
         if fd in self._registered:
             try:
@@ -76,6 +83,18 @@ class Loop:
                 pass
         self._epoll.register(fd, mask)
         self._registered.add(fd)
+
+    def new_signal(self) -> int:
+        """A key to ``watch`` as if it were an fd, for events that ``signal`` raises."""
+        return next(self._signals)
+
+    def signal(self, key: int, events: int) -> None:
+        """Run what watches ``key`` (a ``new_signal``) for any of ``events``, once, as soon as
+        the loop may (CLOSED reaches any watcher)."""
+        if self._signal_events.get(key, 0) & events:
+            del self._signal_events[key]
+            callback = self._watchers.pop(key)
+            self._soon.append(functools.partial(callback, events))
 
     def listen(self, fd: int, callback: Callable[[int], None]) -> None:
         """Call ``callback(events)`` whenever ``fd`` (a listening socket) is readable; with the
@@ -91,6 +110,7 @@ class Loop:
         if watcher is not None and self._watchers.get(fd) is not watcher:
             return
         self._watchers.pop(fd, None)
+        self._signal_events.pop(fd, None)
         if fd in self._registered:
             self._registered.discard(fd)
             try:

@@ -145,6 +145,21 @@ def validate_cert_reqs(value: object) -> int:
     return int(text)
 
 
+def validate_http_protocols(value: object) -> list[str]:
+    protocols = [part.strip().lower() for part in str(value).split(",") if part.strip()]
+    if not protocols or set(protocols) - {"h1", "h2"} or len(set(protocols)) < len(protocols):
+        raise ValueError(f"{value!r} is not a list of protocols: give h1, h2, h2,h1 or h1,h2")
+    return protocols
+
+
+def validate_h2c(value: object) -> str:
+    text = "prior-knowledge" if value is True else "off" if value is False else str(value)
+    if text.strip().lower() not in ("off", "prior-knowledge"):
+        raise ValueError(f"{value!r} is not off or prior-knowledge (the Upgrade: h2c way is "
+                         "not offered)")
+    return text.strip().lower()
+
+
 _GUNICORN = object()  # "as gunicorn has it"
 
 
@@ -212,6 +227,24 @@ REUSED: dict[str, Reuse] = {
                        "(with --ca-certs)", default=0, validator=validate_cert_reqs, meta="N"),
     "ciphers": Reuse("OpenSSL cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's); unset: "
                      "Python's defaults", meta="CIPHERS"),
+    "http_protocols": Reuse("protocols served, preferred first: h1, h2 (HTTP/2: chosen by ALPN "
+                            "over TLS, by its preface with --http2-cleartext)", default="h2,h1",
+                            validator=validate_http_protocols, meta="LIST"),
+    "http2_cleartext": Reuse("HTTP/2 without TLS (h2c): off, or prior-knowledge (a connection "
+                             "opening with HTTP/2's preface gets HTTP/2, others HTTP/1.1); only "
+                             "behind a trusted proxy", validator=validate_h2c, meta="MODE"),
+    "http2_max_concurrent_streams": Reuse("HTTP/2 streams a connection may have open at once "
+                                          "(at most a loop's share of "
+                                          "--max-concurrent-requests)",
+                                          validator=validate_positive),
+    "http2_initial_window_size": Reuse("HTTP/2 flow-control window of each request body "
+                                       "(bytes the client may send ahead of the guest)",
+                                       meta="BYTES"),
+    "http2_max_frame_size": Reuse("the largest HTTP/2 frame payload a client may send",
+                                  meta="BYTES"),
+    "http2_max_header_list_size": Reuse("HTTP/2 request headers, decoded, at most (HPACK "
+                                        "bombs stop there)", validator=validate_positive,
+                                        meta="BYTES"),
     "worker_connections": Reuse("open client connections a worker holds at most; beyond, "
                                 "new ones wait in the backlog", validator=validate_positive),
     # Heartbeat files in memory: a /tmp on disk can stall them (gunicorn #1194).

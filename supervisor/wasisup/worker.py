@@ -22,6 +22,7 @@ from setproctitle import setproctitle
 from . import metrics, tracing
 from .http.client import OutboundClient
 from .http.handler import GuestHandler
+from .http.http2 import Http2Settings
 from .http.outbound_policy import OutboundPolicy
 from .http.pool import Pool
 from .http.request_head import Limits
@@ -95,7 +96,9 @@ class WasmWorker(Worker):
                              limits=limits, worker_connections=cfg.worker_connections,
                              max_in_flight=cfg.max_concurrent_requests,
                              on_tick=self._tick, on_idle=runtime.prepare,
-                             on_sweep=runtime.trim, workers=cfg.workers, tls=self.tls)
+                             on_sweep=runtime.trim, workers=cfg.workers, tls=self.tls,
+                             http2=http2_settings(cfg),
+                             h2c=cfg.http2_cleartext == "prior-knowledge")
         self.runtime, self.outbound = runtime, outbound
         self.log.info("Worker ready: %s, %d event loop%s, up to %d requests at once",
                       self.app.component_name, cfg.threads, "s"[:cfg.threads > 1],
@@ -156,6 +159,16 @@ class WasmWorker(Worker):
         self.alive = False
         if self.server is not None:
             self.server.stop()
+
+
+def http2_settings(cfg: Any) -> Optional[Http2Settings]:
+    """What HTTP/2 connections get, if HTTP/2 is served."""
+    if "h2" not in cfg.http_protocols:
+        return None
+    return Http2Settings(max_concurrent_streams=cfg.http2_max_concurrent_streams,
+                         initial_window_size=cfg.http2_initial_window_size,
+                         max_frame_size=cfg.http2_max_frame_size,
+                         max_header_list_size=cfg.http2_max_header_list_size)
 
 
 def die_with_parent() -> None:

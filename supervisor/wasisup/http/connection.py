@@ -26,10 +26,11 @@ from typing import Any, Callable, Optional
 
 import h11
 
-from ..wasi.io import READABLE
+from ..loop import CLOSED
+from ..wasi.io import READABLE, Interest, IoError, StreamClosed, StreamFailed
 from .framing import chunk, field_lines, last_chunk
-from .request_head import (BadRequest, Limits, RequestHead, check_head, protocol_error,
-                           skip_empty_lines)
+from .request_head import (BadRequest, Limits, RequestHead, check_head, clean_trailers,
+                           protocol_error, skip_empty_lines)
 from .tls import handshake_step
 
 RECV_SIZE = 64 * 1024
@@ -42,6 +43,7 @@ DIRECT_SEND = 16 * 1024
 # keep a fast client's pipe full, little for a client that stops reading.
 UNSENT_LIMIT = 512 * 1024
 SIOCOUTQNSD = 0x894B  # Linux: bytes in a socket's send queue not sent yet
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # how an HTTP/2 client opens (RFC 9113 3.4)
 
 
 class ClientGone(Exception):
@@ -121,6 +123,18 @@ class Connection:
         self._skipped = 0  # empty lines before it
         self._response = ResponseFraming()
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def left(self, events: int) -> bool:
+        """Do these events on the socket say the client went away?"""
+        return bool(events & CLOSED)
+
+    def request_body(self, limit: int) -> "ClientBody":
+        """The current request's body, for its guest call."""
+        return ClientBody(self, limit)
+
     # -- TLS
     def handshake(self) -> bool:
         """Advance the TLS handshake: True once it is done, False while it waits (for
@@ -147,9 +161,9 @@ class Connection:
         self.sock.shutdown(socket.SHUT_WR)
 
     # -- reading
-    def receive(self) -> Optional[bool]:
-        """Feed h11 what the socket has now: True if something came, None if nothing did,
-        False when the client closed (or the connection broke)."""
+    def recv(self) -> Optional[bytes]:
+        """What the socket has now: bytes, None if nothing came, b"" when the client closed
+        (or the connection broke)."""
         try:
             data = self.sock.recv(RECV_SIZE)
             if self.tls:  # (TLS hands out a record at a time: what it decrypted goes too)
@@ -160,6 +174,27 @@ class Connection:
         except OSError:  # (ssl.SSLZeroReturnError too: a clean TLS close)
             data = b""
         self.received += len(data)
+        return data
+
+    def opens_with_preface(self) -> Optional[bool]:
+        """Does the client open with HTTP/2's connection preface (prior knowledge, h2c)? None
+        while the bytes that came so far do not tell yet. Nothing is consumed."""
+        try:
+            first = self.sock.recv(len(H2_PREFACE), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return False
+        if first == H2_PREFACE:
+            return True
+        return None if first and H2_PREFACE.startswith(first) else False
+
+    def receive(self) -> Optional[bool]:
+        """Feed h11 what the socket has now: True if something came, None if nothing did,
+        False when the client closed (or the connection broke)."""
+        data = self.recv()
+        if data is None:
+            return None
         if self.h11.their_state is h11.IDLE:
             if not self._head:  # RFC 9112 2.2: empty lines before a request line are ignored
                 kept = skip_empty_lines(data)
@@ -327,6 +362,10 @@ class Connection:
         """Have bytes of a request head arrived that do not make a whole head yet?"""
         return bool(self._head)
 
+    def discard_output(self) -> None:
+        """Drop what the client has not taken (it is being cut off)."""
+        self.out.clear()
+
     def room(self) -> int:
         """How much more output the connection holds before its writer must wait."""
         return max(0, OUT_HIGH_WATER - len(self.out))
@@ -374,6 +413,100 @@ class Connection:
         self.sock.close()
 
 
+class ClientBody:
+    """The request body as a byte source for the guest, read from the connection on demand
+    (so the guest gets back-pressure); a client too slow to send it is cut off."""
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+        self.received = 0
+        self.fault: Optional[tuple[int, str]] = None  # what the client got wrong: (status, reason)
+        self._chunks: list[bytes] = []
+        self._done = conn.h11.their_state is not h11.SEND_BODY
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._error: Optional[IoError] = None
+
+    def _pull(self) -> None:
+        """Move whatever body bytes are available now into the buffer, without blocking."""
+        conn = self.conn
+        if not self._chunks:
+            conn.continue_if_expected()
+            self._flush()
+        while not (self._chunks or self._done or self._error):
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(400, f"malformed request body: {exc}", "HTTP-protocol-error")
+                return
+            if event is h11.NEED_DATA:
+                if not conn.receive():
+                    self._check_rate()
+                    return
+            elif isinstance(event, h11.Data):
+                self.received += len(event.data)
+                if self.limit and self.received > self.limit:
+                    self._fail(413, "request body too large",
+                               ("HTTP-request-body-size", self.received))
+                    return
+                self._chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self._done = True
+                self._trailers = clean_trailers(event.headers.raw_items()) or None
+            else:  # ConnectionClosed: the client went away mid-body
+                self._fail(0, "", "HTTP-request-body-size",
+                           "client closed the connection before the body ended")
+
+    def _check_rate(self) -> None:
+        if self.conn.reading.expired(time.monotonic()):
+            self._fail(408, "the request body arrived too slowly", "HTTP-request-body-size")
+
+    def _flush(self) -> None:
+        try:
+            self.conn.flush()
+        except OSError:
+            self.conn.broken = True
+
+    def _fail(self, status: int, reason: str, code: Any, message: str = "") -> None:
+        self.conn.broken = True
+        if status:
+            self.fault = (status, reason)
+        self._error = IoError(message or reason, code)
+
+    def ready(self) -> bool:
+        self._pull()
+        return bool(self._chunks) or self._done or self._error is not None
+
+    def interest(self) -> Interest:
+        self.conn.reading.waiting(time.monotonic())
+        return self.conn.fd, READABLE
+
+    @property
+    def deadline(self) -> Optional[int]:
+        deadline = self.conn.reading.deadline()
+        return None if deadline is None else int(deadline * 1e9)
+
+    def read(self, size: int) -> bytes:
+        self._pull()
+        if self._chunks:
+            chunk = self._chunks.pop(0)
+            if len(chunk) > size:
+                self._chunks.insert(0, chunk[size:])
+                chunk = chunk[:size]
+            return chunk
+        if self._error is not None:
+            raise StreamFailed(self._error)
+        if self._done:
+            raise StreamClosed()
+        return b""
+
+    def trailers(self) -> Optional[list[tuple[bytes, bytes]]]:
+        return self._trailers
+
+    def close(self) -> None:
+        """The guest is done with the body; the server drains or closes what is left."""
+
+
 def _send_queue(fd: int, request: int) -> int:
     """A count of the socket's send queue (TIOCOUTQ: not yet acknowledged; SIOCOUTQNSD: not
     yet sent); 0 if the socket cannot tell."""
@@ -406,13 +539,11 @@ class ResponseFraming:
               http11: bool, keep_alive: bool) -> bytes:
         if status < 200:
             raise ValueError(f"status {status} is not a final response")
-        lengths = {value for name, value in headers if name == "content-length"}
-        if len(lengths) > 1 or lengths and not next(iter(lengths)).isdigit():
-            raise ValueError("the content-length is not one decimal number")
+        length = declared_length(headers)
         self._no_body = head_only or status in (204, 304)
         framing: list[tuple[str, bytes]] = []
-        if lengths:
-            self._left = 0 if self._no_body else int(next(iter(lengths)))
+        if length is not None:
+            self._left = 0 if self._no_body else length
         elif not self._no_body:
             if http11:
                 self._chunked = True
@@ -451,6 +582,14 @@ class ResponseFraming:
         if self._chunked:
             return last_chunk(trailers), True
         return b"", not self._left
+
+
+def declared_length(headers: list[tuple[str, bytes]]) -> Optional[int]:
+    """A response's content-length, if it declares one. ValueError unless it is one number."""
+    lengths = {value for name, value in headers if name == "content-length"}
+    if len(lengths) > 1 or lengths and not next(iter(lengths)).isdigit():
+        raise ValueError("the content-length is not one decimal number")
+    return int(next(iter(lengths))) if lengths else None
 
 
 def raw_error(status: int, body: bytes) -> bytes:

@@ -15,8 +15,6 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-import h11
-
 from .. import tracing
 from ..metrics import method_label
 from ..runtime import Guest, GuestTrap, Runtime
@@ -24,7 +22,7 @@ from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
 from .connection import Connection, http_date
-from .request_head import RequestHead, clean_trailers
+from .request_head import RequestHead
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -43,100 +41,6 @@ GUEST_FAILURE_PAGE = b"""<!doctype html>
     </center>
 </body>
 </html>"""
-
-
-class ClientBody:
-    """The request body as a byte source for the guest, read from the connection on demand
-    (so the guest gets back-pressure); a client too slow to send it is cut off."""
-
-    def __init__(self, conn: Connection, limit: int) -> None:
-        self.conn = conn
-        self.limit = limit
-        self.received = 0
-        self.fault: Optional[tuple[int, str]] = None  # what the client got wrong: (status, reason)
-        self._chunks: list[bytes] = []
-        self._done = conn.h11.their_state is not h11.SEND_BODY
-        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
-        self._error: Optional[IoError] = None
-
-    def _pull(self) -> None:
-        """Move whatever body bytes are available now into the buffer, without blocking."""
-        conn = self.conn
-        if not self._chunks:
-            conn.continue_if_expected()
-            self._flush()
-        while not (self._chunks or self._done or self._error):
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fail(400, f"malformed request body: {exc}", "HTTP-protocol-error")
-                return
-            if event is h11.NEED_DATA:
-                if not conn.receive():
-                    self._check_rate()
-                    return
-            elif isinstance(event, h11.Data):
-                self.received += len(event.data)
-                if self.limit and self.received > self.limit:
-                    self._fail(413, "request body too large",
-                               ("HTTP-request-body-size", self.received))
-                    return
-                self._chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self._done = True
-                self._trailers = clean_trailers(event.headers.raw_items()) or None
-            else:  # ConnectionClosed: the client went away mid-body
-                self._fail(0, "", "HTTP-request-body-size",
-                           "client closed the connection before the body ended")
-
-    def _check_rate(self) -> None:
-        if self.conn.reading.expired(time.monotonic()):
-            self._fail(408, "the request body arrived too slowly", "HTTP-request-body-size")
-
-    def _flush(self) -> None:
-        try:
-            self.conn.flush()
-        except OSError:
-            self.conn.broken = True
-
-    def _fail(self, status: int, reason: str, code: Any, message: str = "") -> None:
-        self.conn.broken = True
-        if status:
-            self.fault = (status, reason)
-        self._error = IoError(message or reason, code)
-
-    def ready(self) -> bool:
-        self._pull()
-        return bool(self._chunks) or self._done or self._error is not None
-
-    def interest(self) -> Interest:
-        self.conn.reading.waiting(time.monotonic())
-        return self.conn.fd, READABLE
-
-    @property
-    def deadline(self) -> Optional[int]:
-        deadline = self.conn.reading.deadline()
-        return None if deadline is None else int(deadline * 1e9)
-
-    def read(self, size: int) -> bytes:
-        self._pull()
-        if self._chunks:
-            chunk = self._chunks.pop(0)
-            if len(chunk) > size:
-                self._chunks.insert(0, chunk[size:])
-                chunk = chunk[:size]
-            return chunk
-        if self._error is not None:
-            raise StreamFailed(self._error)
-        if self._done:
-            raise StreamClosed()
-        return b""
-
-    def trailers(self) -> Optional[list[tuple[bytes, bytes]]]:
-        return self._trailers
-
-    def close(self) -> None:
-        """The guest is done with the body; the server drains or closes what is left."""
 
 
 class ResponseWriter:
@@ -200,7 +104,7 @@ class ResponseWriter:
             return False
         log.info("cutting off %s: it reads the response too slowly", _peer(self.conn))
         self._client_gone()
-        self.conn.out.clear()
+        self.conn.discard_output()
         return True
 
     def capacity(self, limit: int) -> int:
@@ -335,7 +239,7 @@ class GuestCall:
         self.request = request
         self.request_id = handler.next_id()
         self.writer = ResponseWriter(conn)
-        self.body = ClientBody(conn, handler.body_limit)
+        self.body = conn.request_body(handler.body_limit)
         self.guest: Optional[Guest] = None
         self.trace = tracing.incoming(request.fields) if handler.trace_context else None
         if handler.metrics is not None:
@@ -350,7 +254,7 @@ class GuestCall:
             incoming = IncomingRequest(
                 method=request.method.decode("ascii"),
                 path_with_query=request.path_with_query,
-                scheme="https" if self.conn.tls else "http",
+                scheme=self.conn.scheme,
                 authority=request.authority,
                 headers=Fields.from_pairs(request.fields),
                 body=self.body,
@@ -457,7 +361,7 @@ class GuestCall:
             request = self.request
             handler.exporter.server_span(
                 self.trace, elapsed, request.method.decode("ascii"),
-                "https" if self.conn.tls else "http",
+                self.conn.scheme,
                 request.path_with_query or request.target.decode("ascii", "replace"),
                 request.http_version.decode(), _peer(self.conn), writer.status, self.request_id)
         if handler.log_access:

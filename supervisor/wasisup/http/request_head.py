@@ -105,23 +105,16 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> RequestHead
     if len(request.method) + len(request.target) + 10 > limits.request_line:
         raise BadRequest(414, "request line too long")
     fields = header_fields(request)
-    if len(fields) > limits.request_fields:
-        raise BadRequest(431, "too many header fields")
     lines = head.split(b"\r\n")[1:]
     if any(line[:1] in (b" ", b"\t") for line in lines):
         raise BadRequest(400, "a header line starts with whitespace (obs-fold)")
-    for name, value in fields:
-        if len(name) + len(value) + 2 > limits.request_field_size:
-            raise BadRequest(431, f"header field {name.decode()} too large")
-        if _BAD_VALUE.search(value):
-            raise BadRequest(400, f"control character in header field {name.decode()}")
+    check_fields(fields, limits)
     names = [name for name, _ in fields]
     if b"transfer-encoding" in names and b"content-length" in names:
         raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-    _check_content_length(_field_values(lines, b"content-length"), limits)
+    check_content_length(_field_values(lines, b"content-length"), limits)
     host = _host(fields)
-    if host is not None and not _HOST.match(host):
-        raise BadRequest(400, "Host is not a valid host[:port]")
+    check_authority(host)
     path_with_query, authority = request_target(request, host)
     keep_alive = request.http_version == b"1.1" and not any(
         name == b"connection" and b"close" in value.lower() for name, value in fields)
@@ -129,7 +122,25 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> RequestHead
                        path_with_query, authority, keep_alive)
 
 
-def _check_content_length(values: list[bytes], limits: Limits) -> None:
+def check_fields(fields: list[tuple[bytes, bytes]], limits: Limits) -> None:
+    """The request's header fields: how many, how large, no control characters."""
+    if len(fields) > limits.request_fields:
+        raise BadRequest(431, "too many header fields")
+    for name, value in fields:
+        if len(name) + len(value) + 2 > limits.request_field_size:
+            raise BadRequest(431, f"header field {name.decode()} too large")
+        if _BAD_VALUE.search(value):
+            raise BadRequest(400, f"control character in header field {name.decode()}")
+
+
+def check_authority(host: Optional[bytes]) -> None:
+    """The request's Host (or HTTP/2 :authority), if it has one, is a host[:port]."""
+    if host is not None and not _HOST.match(host):
+        raise BadRequest(400, "Host is not a valid host[:port]")
+
+
+def check_content_length(values: list[bytes], limits: Limits) -> None:
+    """The Content-Length values of a request: one decimal number, within the body limit."""
     if not values:
         return
     if len(values) > 1 or not _DIGITS.match(values[0]):

@@ -1,4 +1,4 @@
-"""The worker's HTTP/1.1 server: event loops that own the connections and drive the guests.
+"""The worker's HTTP server (HTTP/1.1, and HTTP/2 in ``http2``): event loops that own the connections and drive the guests.
 
 A worker runs ``threads`` loops (the main thread's and one thread each for the others); each
 owns the connections it accepted. A loop accepts from the shared listening sockets, reads
@@ -39,6 +39,7 @@ from ..loop import CLOSED, IN, OUT, Loop, Timer
 from ..wasi.io import READABLE, WRITABLE
 from .connection import ClientGone, Connection
 from .handler import GuestCall, GuestHandler
+from .http2 import Http2Settings, Session, Stream
 from .request_head import BadRequest, Limits, RequestHead
 from .tls import TlsContext, looks_like_plain_http
 
@@ -64,9 +65,12 @@ class Server:
                  max_in_flight: int = 1000, on_tick: Optional[Callable[[], None]] = None,
                  on_idle: Optional[Callable[[], None]] = None,
                  on_sweep: Optional[Callable[[], None]] = None, workers: int = 1,
-                 tls: Optional[TlsContext] = None) -> None:
+                 tls: Optional[TlsContext] = None, http2: Optional[Http2Settings] = None,
+                 h2c: bool = False) -> None:
         self.listeners = listeners
         self.tls = tls  # the listeners speak HTTPS
+        self.http2 = http2  # HTTP/2 is served: chosen by ALPN over TLS, ...
+        self.h2c = h2c and http2 is not None and tls is None  # ... or by its preface (h2c)
         self.alone = workers * threads == 1  # no other loop to leave connections to
         self.handler = handler
         self.limits = limits
@@ -133,8 +137,10 @@ class ServerLoop:
         self.max_calls = max_calls
         self.loop = Loop()
         self.connections: dict[int, Connection] = {}
-        self.calls: dict[Connection, GuestCall] = {}  # in flight
-        self.queued: deque[tuple[Connection, RequestHead]] = deque()  # waiting for admission
+        self.sessions: dict[Connection, Session] = {}  # the HTTP/2 connections
+        self.calls: dict[Connection | Stream, GuestCall] = {}  # in flight
+        # Waiting for admission:
+        self.queued: deque[tuple[Connection | Stream, RequestHead]] = deque()
         self._waits: dict[GuestCall, _Wait] = {}  # what each suspended call waits for
         self._accepting = False
         self._deferred_at = -math.inf  # when the loop last left a new connection to the others
@@ -234,10 +240,24 @@ class ServerLoop:
                 self.handler.metrics.tls_handshake_failures.inc()
             self._close(conn)
             return
-        if done:
-            self._read_head(conn)
-        else:
+        if not done:
             self._watch(conn, IN if conn.tls_wants & READABLE else OUT)
+        elif self.server.http2 is not None and conn.sock.selected_alpn_protocol() == "h2":
+            self._start_http2(conn)
+        else:
+            self._read_head(conn)
+
+    def _start_http2(self, conn: Connection) -> None:
+        session = Session(conn, self.loop, self.server.http2, self.max_calls, self._dispatch,
+                          self._end_http2)
+        self.sessions[conn] = session
+        if self._draining:
+            session.go_away()
+        session.start()
+
+    def _end_http2(self, conn: Connection) -> None:
+        del self.sessions[conn]
+        self._flush(conn)
 
     def _accept_delay(self) -> float:
         if self.server.alone:
@@ -273,6 +293,14 @@ class ServerLoop:
             self._linger(conn)
 
     def _read_head(self, conn: Connection) -> None:
+        if self.server.h2c and not conn.requests and not conn.partial_head:
+            prior_knowledge = conn.opens_with_preface()
+            if prior_knowledge is None:
+                self._watch(conn, IN)
+                return
+            if prior_knowledge:
+                self._start_http2(conn)
+                return
         try:
             request = conn.read_head()
         except BadRequest as exc:
@@ -332,6 +360,7 @@ class ServerLoop:
             self._close(conn)
 
     def _close(self, conn: Connection) -> None:
+        self.sessions.pop(conn, None)
         if self.connections.pop(conn.fd, None) is conn:
             self.loop.forget(conn.fd)
             conn.close()
@@ -358,9 +387,11 @@ class ServerLoop:
             elif state == "linger":
                 if now - conn.idle_since > CLOSE_DRAIN_TIME:
                     self._close(conn)
+            elif state == "h2":
+                self.sessions[conn].sweep(now)
 
     # -- guest calls
-    def _dispatch(self, conn: Connection, request: RequestHead) -> None:
+    def _dispatch(self, conn: Connection | Stream, request: RequestHead) -> None:
         """A complete request: its guest call starts next if the loop has room (after the
         work already waiting to run), else in turn."""
         conn.state = "request"
@@ -371,7 +402,10 @@ class ServerLoop:
         else:
             self.queued.append((conn, request))
 
-    def _admit(self, conn: Connection, request: RequestHead) -> None:
+    def _admit(self, conn: Connection | Stream, request: RequestHead) -> None:
+        if isinstance(conn, Stream) and conn.lost_reason:  # (reset while it waited)
+            conn.session.finish(conn)
+            return
         call = GuestCall(self.handler, conn, request)
         self.calls[conn] = call
         self.loop.call_soon(functools.partial(self._begin, call))
@@ -408,6 +442,8 @@ class ServerLoop:
             self.loop.watch(fd, mask, wait.watchers[fd])
         if previous is not None:
             self._unwatch(previous)
+        if call.conn.left(0):  # (an HTTP/2 stream reset before its guest came to wait)
+            self.loop.signal(call.conn.fd, CLOSED)
         if wake_at is not None:
             wait.timer = self.loop.call_at(wake_at / 1e9,
                                            functools.partial(self._wake, call, wait, -1, 0))
@@ -418,7 +454,7 @@ class ServerLoop:
         wait.done = True
         if wait.timer is not None:
             wait.timer.cancel()
-        if fd == call.conn.fd and events & CLOSED and not call.reads_body:
+        if fd == call.conn.fd and call.conn.left(events) and not call.reads_body:
             call.cancel()
             self._ended(call)
             return
@@ -433,7 +469,10 @@ class ServerLoop:
         if wait is not None:
             self._unwatch(wait, keep=conn.fd)
         self._idle_work = True
-        self._flush(conn)
+        if isinstance(conn, Stream):
+            conn.session.finish(conn)
+        else:
+            self._flush(conn)
         while self.queued and len(self.calls) < self.max_calls:
             self._admit(*self.queued.popleft())
 
@@ -452,6 +491,8 @@ class ServerLoop:
         self.server.start_drain()
         for conn in self.connections.values():
             conn.must_close = True
+        for session in list(self.sessions.values()):
+            session.go_away()
         if self._accepting:
             self._accepting = False
             for listener in self.server.listeners:
