@@ -321,3 +321,33 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
         return b"".join(chunks)
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def issue(directory: Path, name: str, ca: Path, subject: str) -> tuple[Path, Path]:
+    """A key and a certificate for ``subject`` (valid for localhost and 127.0.0.1), signed by
+    the test CA."""
+    key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+    extensions = directory / f"{name}.ext"
+    extensions.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={subject}")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key")),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(extensions))
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA, two server certificates (the first and its replacement) and a client one."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = directory / "ca.pem"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(directory / "ca.key"), "-out", str(ca), "-days", "2", "-subj", "/CN=test CA")
+    files = {"ca": ca}
+    for name in ("server", "renewed", "client"):
+        files[f"{name}_cert"], files[f"{name}_key"] = issue(directory, name, ca, name)
+    return files

@@ -1,5 +1,6 @@
 """Differential test: every test guest, served by wasisup and by `wasmtime serve` (the oracle),
-gives the same status, headers and body for the same requests.
+gives the same status, headers and body for the same requests: wasisup over HTTP/1.1, and
+over HTTP/2, against `wasmtime serve` over HTTP/1.1.
 
 Compared: the status; every header (names case-insensitively) except `date` and `connection`;
 the body bytes.
@@ -15,6 +16,7 @@ import re
 import pytest
 
 from conftest import closed_port, guest, running, wasisup_argv, wasmtime_serve_argv
+from h2client import H2Client
 
 # hyper adds `connection: close` when a guest left the request body unread, or not, depending on
 # whether the body had arrived when the response went out: the oracle is not deterministic there.
@@ -50,9 +52,28 @@ def exchange(port: int, method: str, path: str, body, headers) -> tuple:
         conn.close()
 
 
-def replies(argv_for_port, requests, tmp) -> list[tuple]:
+def exchange_http2(client: H2Client, method: str, path: str, body, headers) -> tuple:
+    """The same request over HTTP/2 (with the fields http.client adds); what HTTP/1.1 frames
+    with transfer-encoding, HTTP/2 frames itself, so that field is left out of the oracle's
+    answer when comparing."""
+    fields = [("accept-encoding", "identity")] + [(k.lower(), v) for k, v in headers.items()]
+    if body is not None:
+        fields.append(("content-length", str(len(body))))
+    stream = client.request(method, path, fields, body or b"", authority="example.test")
+    reply = client.response(stream, timeout=30)
+    kept = sorted((k, v) for k, v in reply.headers if k not in IGNORED and k != ":status")
+    return reply.status, kept, bytes(reply.body)
+
+
+def replies(argv_for_port, requests, tmp, http2: bool = False) -> list[tuple]:
+    """Each request's answer over HTTP/1.1, then (``http2``) over HTTP/2 on one connection."""
     with running(argv_for_port, tmp) as server:
-        return [exchange(server.port, *request) for request in requests]
+        answers = [exchange(server.port, *request) for request in requests]
+        if http2:
+            client = H2Client(server.port)
+            answers += [exchange_http2(client, *request) for request in requests]
+            client.close()
+        return answers
 
 
 def outbound_requests(upstream: str, closed: str) -> list[tuple]:
@@ -69,9 +90,12 @@ def outbound_requests(upstream: str, closed: str) -> list[tuple]:
 def test_same_answers_as_wasmtime_serve(name, tmp_path, upstream):
     requests = CASES.get(name) or outbound_requests(upstream, f"http://127.0.0.1:{closed_port()}")
     component = guest(name)
-    ours = replies(lambda port: wasisup_argv(component, port=port), requests, tmp_path)
+    ours = replies(lambda port: wasisup_argv(component, "--http2-cleartext", "prior-knowledge",
+                                             port=port), requests, tmp_path, http2=True)
     theirs = replies(wasmtime_serve_argv(component), requests, tmp_path)
-    for request, mine, reference in zip(requests, ours, theirs, strict=True):
+    over_http2 = [(status, [field for field in fields if field[0] != "transfer-encoding"], body)
+                  for status, fields, body in theirs]
+    for request, mine, reference in zip(requests * 2, ours, theirs + over_http2, strict=True):
         if name == "outbound":  # the upstream's own Date header differs between the runs
             mine, reference = _without_upstream_date(mine), _without_upstream_date(reference)
             mine = _without_our_traceparent(mine)

@@ -89,17 +89,14 @@ class Session:
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.initiate_connection()
         codes = h2.settings.SettingCodes
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+        self.h2.update_settings({  # (in force once the client acknowledges them, RFC 9113 6.5.3)
             codes.MAX_CONCURRENT_STREAMS: min(settings.max_concurrent_streams, max_streams),
             codes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
             codes.MAX_FRAME_SIZE: settings.max_frame_size,
             codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
-            codes.ENABLE_PUSH: 0,
         })
-        self.h2.max_inbound_frame_size = settings.max_frame_size
-        self.h2.decoder.max_header_list_size = settings.max_header_list_size
-        self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         conn.state = "h2"
         conn.idle_since = time.monotonic()
