@@ -160,6 +160,41 @@ def wrk(url: str, seconds: float, connections: int = 16, headers: Mapping[str, s
                 non_2xx=int(_number(r"Non-2xx or 3xx responses: (\d+)", out)))
 
 
+def h2load(url: str, seconds: float, clients: int = 16, streams: int = 1,
+           http1: bool = False) -> Load:
+    """Load ``url`` with h2load (2 threads) for ``seconds``: ``clients`` connections with up to
+    ``streams`` requests in flight on each; over HTTP/2 (h2c for http://, ALPN h2 for https://)
+    or, with ``http1``, HTTP/1.1."""
+    argv = ["h2load", "-t2", f"-c{clients}", f"-m{streams}", f"-D{seconds:g}",
+            "--warm-up-time=1", *(["--h1"] if http1 else []), url]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise SetupError("h2load is missing (apt-get install nghttp2-client)") from None
+    except subprocess.CalledProcessError as exc:
+        raise SetupError(f"h2load failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
+    transfer = re.search(r"finished in [\d.]+s, [\d.]+ req/s, ([\d.]+)(\w*B)/s", out)
+    scale = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[transfer.group(2)]
+    done = int(_number(r"requests: \d+ total, \d+ started, (\d+) done", out))
+    return Load(requests=done, rps=_number(r"finished in [\d.]+s, ([\d.]+) req/s", out),
+                mbps=float(transfer.group(1)) * scale,
+                socket_errors=int(_number(r"(\d+) errored", out) + _number(r"(\d+) timeout", out)),
+                non_2xx=done - int(_number(r"status codes: (\d+) 2xx", out)))
+
+
+def certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for localhost (openssl, EC P-256)."""
+    cert, key = directory / "tls.pem", directory / "tls.key"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                       check=True, capture_output=True)
+    except FileNotFoundError:
+        raise SetupError("openssl is missing (apt-get install openssl)") from None
+    return cert, key
+
+
 @contextlib.contextmanager
 def warmed_up(command: Callable[[int], list[str]], path: str) -> Iterator[str]:
     """A server from ``command(port)``, after a short wrk run on ``path``; yields the URL to load."""

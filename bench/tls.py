@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 from functools import partial
 from pathlib import Path
 
-from harness import ROOT, SetupError, build, free_port, print_table, run_cleanly, server, wasisup, wrk
+from harness import (ROOT, build, certificate, free_port, print_table, run_cleanly, server,
+                     wasisup, wrk)
 from upstream import nginx
 
 CLIENTS = 16
-
-
-def certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "tls.pem", directory / "tls.key"
-    try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "1", "-subj", "/CN=localhost"],
-                       check=True, capture_output=True)
-    except FileNotFoundError:
-        raise SetupError("openssl is missing (apt-get install openssl)") from None
-    return cert, key
 
 
 def run(args: argparse.Namespace) -> None:

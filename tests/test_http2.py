@@ -227,6 +227,25 @@ def test_a_bad_head_gets_its_status_on_its_stream_and_the_connection_goes_on(ser
     assert client.get("/").status == 200
 
 
+def test_a_guest_that_traps_gets_500_or_its_stream_reset(serve):
+    server = serve("trap", *H2C)
+    client = H2Client(server.port)
+    before = client.get("/")
+    assert before.status == 500 and b"500 Internal Server Error" in before.body
+    cut = client.get("/after-headers")  # the head and some body went out: no clean end
+    assert cut.status == 200 and cut.reset == ErrorCodes.INTERNAL_ERROR and not cut.ended
+    assert client.get("/").status == 500  # the connection carries on
+
+
+def test_expect_100_continue_on_a_stream(serve):
+    server = serve("echo", *H2C)
+    client = H2Client(server.port)
+    stream = client.request("POST", "/", headers=[("expect", "100-continue")], end=False)
+    client.wait(lambda: (":status", "100") in client.replies[stream].headers)
+    client.data(stream, b"after the 100", end=True)
+    assert json.loads(client.response(stream).body)["body"] == "after the 100"
+
+
 def test_head_and_no_content_have_no_body(serve):
     server = serve("hello", *H2C)
     client = H2Client(server.port)

@@ -225,6 +225,8 @@ class Session:
             return
         self.conn.requests += 1
         stream.request_head = head
+        stream.body.expects_continue = any(
+            name == b"expect" and value.lower() == b"100-continue" for name, value in head.fields)
         self.on_request(stream, head)
 
     def _data(self, event: h2.events.DataReceived) -> None:
@@ -254,7 +256,9 @@ class Session:
         unread = stream.body.unacknowledged()
         if unread:
             self.h2.acknowledge_received_data(unread, stream.stream_id)
-        if not stream.lost_reason:
+        if stream.broken and not stream.finished:
+            self.abort(stream)
+        elif not stream.lost_reason:
             stream.push()
         if stream.finished or stream.lost_reason:
             self._forget(stream)
@@ -405,10 +409,8 @@ class Stream:
 
     def continue_if_expected(self) -> None:
         """Answer `Expect: 100-continue` before the guest's first read of the body."""
-        head = self.request_head
-        if (head is not None and not self.responded and not self.body.continued
-                and any(n == b"expect" and v.lower() == b"100-continue" for n, v in head.fields)):
-            self.body.continued = True
+        if self.body.expects_continue and not self.responded:
+            self.body.expects_continue = False
             self.session.h2.send_headers(self.stream_id, [(b":status", b"100")])
             self.session.flush()
 
@@ -503,8 +505,6 @@ class Stream:
                                      ("content-length", str(len(body)).encode())])
         self.send_body(body)
         self.end_response()
-        if self.finished:
-            self.session.stream_sent(self)
 
 
 class StreamBody:
@@ -516,7 +516,7 @@ class StreamBody:
         self.limit = 0
         self.received = 0
         self.fault: Optional[tuple[int, str]] = None  # what the client got wrong: (status, reason)
-        self.continued = False  # a 100 Continue went out
+        self.expects_continue = False  # a 100 Continue is due before the first read
         self.done = False  # the client sent all of it
         self._chunks: deque[bytes] = deque()
         self._unread = 0  # bytes received and not yet read (nor acknowledged)
