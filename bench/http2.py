@@ -1,7 +1,7 @@
 """HTTP/2 beside HTTP/1.1: h2load against the hello guest and the reference proxy, over h2c and
 h2 (TLS, ALPN), with one or many streams per connection; and TLS handshakes a second.
 
-    python bench/http2.py [--seconds 5] [--workers 2]
+    python bench/http2.py [--seconds 3] [--rounds 3] [--workers 2]
 
 Two wasisups serve each guest side by side: one on plain HTTP with ``--http2-cleartext
 prior-knowledge`` (HTTP/1.1 and h2c on one port), one over TLS (ALPN picks h2, or HTTP/1.1
@@ -25,8 +25,8 @@ from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
-from harness import (ROOT, build, certificate, free_port, h2load, print_table, run_cleanly,
-                     server, wasisup, wrk)
+from harness import (ROOT, Load, build, certificate, free_port, h2load, print_table,
+                     run_cleanly, server, wasisup, wrk)
 from upstream import SLOW_PATH, nginx
 
 DELAY = 0.05
@@ -46,7 +46,11 @@ def run(args: argparse.Namespace) -> None:
                 servers.enter_context(server(wasisup(port, wasm, workers=args.workers,
                                                      reuse=1000, env=env, options=options), port))
                 urls[name, secure] = f"{'https' if secure else 'http'}://127.0.0.1:{port}"
-        load = partial(h2load, seconds=args.seconds)
+        def load(url: str, **kwargs) -> Load:  # the median of the rounds, by req/s
+            runs = sorted((h2load(url, args.seconds, **kwargs) for _ in range(args.rounds)),
+                          key=lambda run: run.rps)
+            return runs[len(runs) // 2]
+
         cases = []  # (label, the HTTP/1.1 case it is compared with, the measurement)
         for name, path in (("hello", "/"), ("proxy", "/1k"), ("proxy, upstream 50 ms", SLOW_PATH)):
             guest = name.split(",")[0]
@@ -70,13 +74,15 @@ def run(args: argparse.Namespace) -> None:
     rows.append(("TLS handshakes (HTTPS, a connection per request)", f"{handshakes.rps:,.0f}",
                  f"{handshakes.rps / args.workers:,.0f}", "", f"{handshakes.errors:,}"))
     print_table(f"HTTP/2 on {os.cpu_count()} cores: wasisup -w {args.workers} "
-                f"--max-instance-reuse 1000 (h2load -t2, {args.seconds:g}s a case)",
+                f"--max-instance-reuse 1000 (h2load -t2, median of {args.rounds} runs of "
+                f"{args.seconds:g}s a case)",
                 ("case", "req/s", "per worker", "vs HTTP/1.1", "errors"), rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5, help="h2load duration per case")
+    parser.add_argument("--seconds", type=float, default=3, help="h2load duration per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per case (the median counts)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="wasisup -w")
     args = parser.parse_args()
     run_cleanly(partial(run, args))

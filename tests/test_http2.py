@@ -135,6 +135,7 @@ def test_rst_stream_cancels_the_streams_guest_call(serve, upstream):
     client.reset(stream)
     wait_until(lambda: in_flight(metrics_port) <= 1, timeout=10, what="the call dropped")
     assert "went away: the guest's call was dropped" in server.log()
+    assert "wasisup_http2_client_resets_total 1.0" in metrics_text(metrics_port)
     assert client.response(kept).status == 200  # the connection's other stream goes on
     assert client.get("/healthz").body == b"ok\n"
 
@@ -270,7 +271,8 @@ def goaway_code(client: H2Client) -> ErrorCodes:
 
 
 def test_rapid_reset_gets_goaway(serve):
-    server = serve("hello", *H2C)
+    metrics_port = free_port()
+    server = serve("hello", *H2C, "--metrics-bind", f"127.0.0.1:{metrics_port}")
     client = H2Client(server.port)
     encoder = client.h2.encoder
     block = encoder.encode([(":method", "GET"), (":path", "/"), (":scheme", "http"),
@@ -283,6 +285,8 @@ def test_rapid_reset_gets_goaway(serve):
         client.send(frames(*flood))
     assert goaway_code(client) == ErrorCodes.ENHANCE_YOUR_CALM
     assert "too many HTTP/2 control frames or reset streams" in server.log()
+    assert 'wasisup_http2_goaways_total{error="enhance_your_calm"} 1.0' in metrics_text(
+        metrics_port)
     assert H2Client(server.port).get("/").status == 200
 
 

@@ -154,6 +154,12 @@ class Metrics:
         self.tls_reloads = Counter("wasisup_tls_reloads_total", "Certificate files that "
                                    "changed on disk, by outcome: ok (new connections get them) "
                                    "or failed (they keep the previous ones)", ["outcome"])
+        self.http2_goaways = Counter("wasisup_http2_goaways_total", "HTTP/2 connections the "
+                                     "server ended, by error code: no_error (a drain, idle), "
+                                     "enhance_your_calm (a flood of control frames or resets, an "
+                                     "HPACK bomb), protocol_error, ...", ["error"])
+        self.http2_client_resets = Counter("wasisup_http2_client_resets_total", "HTTP/2 streams "
+                                           "the client reset before their response was whole")
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def child(self, family: Any, *labels: str) -> Any:

@@ -73,8 +73,9 @@ class Session:
 
     def __init__(self, conn: Connection, loop: Loop, settings: Http2Settings, max_streams: int,
                  on_request: Callable[["Stream", RequestHead], None],
-                 on_end: Callable[[Connection], None]) -> None:
+                 on_end: Callable[[Connection], None], metrics: Any = None) -> None:
         self.conn = conn
+        self.metrics = metrics
         self.loop = loop
         self.limits = conn.limits
         self.on_request = on_request  # a stream's request head is complete
@@ -123,8 +124,9 @@ class Session:
             got += len(data)
             try:
                 events = self.h2.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:
+            except h2.exceptions.ProtocolError as exc:  # (h2 put a GOAWAY out)
                 log.info("%s: HTTP/2 protocol error: %s", conn.peer, exc)
+                self._count_goaway(exc.error_code)
                 self._lost(f"HTTP/2 protocol error: {exc}")
                 return
             for event in events:
@@ -178,6 +180,8 @@ class Session:
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.finished:
                 self._spend()
+                if self.metrics is not None:
+                    self.metrics.http2_client_resets.inc()
                 stream.lost("the client reset the stream")
                 if stream.call_over:
                     self._forget(stream)
@@ -207,6 +211,7 @@ class Session:
             log.warning("%s: too many HTTP/2 control frames or reset streams: GOAWAY",
                         self.conn.peer)
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._count_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
             self._lost("a flood of HTTP/2 control frames or resets")
 
     def _request(self, event: h2.events.RequestReceived) -> None:
@@ -300,7 +305,16 @@ class Session:
         frame.last_stream_id = self.h2.highest_inbound_stream_id
         frame.error_code = ErrorCodes.NO_ERROR
         self.h2._data_to_send += frame.serialize()  # (h2 writes its own frames there too)
+        self._count_goaway(ErrorCodes.NO_ERROR)
         self.flush()
+
+    def _count_goaway(self, code: int) -> None:
+        if self.metrics is not None:
+            try:
+                name = ErrorCodes(code).name.lower()
+            except ValueError:
+                name = "unknown"
+            self.metrics.child(self.metrics.http2_goaways, name).inc()
 
     def sweep(self, now: float) -> None:
         """The deadlines: a connection without streams is idle (for the keep-alive time, or

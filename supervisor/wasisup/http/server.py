@@ -249,7 +249,7 @@ class ServerLoop:
 
     def _start_http2(self, conn: Connection) -> None:
         session = Session(conn, self.loop, self.server.http2, self.max_calls, self._dispatch,
-                          self._end_http2)
+                          self._end_http2, self.handler.metrics)
         self.sessions[conn] = session
         if self._draining:
             session.go_away()
