@@ -140,19 +140,41 @@ def test_rst_stream_cancels_the_streams_guest_call(serve, upstream):
     assert client.get("/healthz").body == b"ok\n"
 
 
-def test_term_sends_goaway_and_open_streams_finish(serve, upstream):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_drain_sends_goaway_and_open_streams_finish(serve, upstream, signum):
     server = serve("proxy", "-w", "1", *H2C, "--env", f"UPSTREAM={upstream}")
-    urls = [f"{server.url}/slow?seconds=2&group=h2drain{i}" for i in range(5)]
+    group = f"h2drain{signum}-"
+    urls = [f"{server.url}/slow?seconds=2&group={group}{i}" for i in range(5)]
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(subprocess.run, ["nghttp", "-nv", *urls], capture_output=True,
                           timeout=60)
-        wait_until(lambda: all(upstream_peak(upstream, f"h2drain{i}") == 1 for i in range(5)),
+        wait_until(lambda: all(upstream_peak(upstream, f"{group}{i}") == 1 for i in range(5)),
                    what="five streams waiting upstream")
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signum)
         output = run.result().stdout.decode()
     assert output.count(":status: 200") == 5, output
-    assert re.search(r"recv GOAWAY frame.*\n.*last_stream_id=21, error_code=NO_ERROR", output), output  # (nghttp: streams 13..21)
-    assert server.proc.wait(30) == 0
+    # (nghttp's streams are 13 to 21: the GOAWAY names the last, so none is lost)
+    assert re.search(r"recv GOAWAY frame.*\n.*last_stream_id=21, error_code=NO_ERROR", output), output
+    if signum == signal.SIGTERM:
+        assert server.proc.wait(30) == 0
+    else:  # the new worker serves
+        assert H2Client(server.port).get("/healthz").body == b"ok\n"
+
+
+def test_max_concurrent_streams_is_at_most_the_admission_limit(serve):
+    server = serve("hello", *H2C, "--max-concurrent-requests", "8")
+    client = H2Client(server.port)
+    client.wait(lambda: client.h2.remote_settings.max_concurrent_streams == 8)
+
+
+def test_a_stream_whose_window_stays_shut_is_cut_off(serve):
+    server = serve("stream", *H2C, "--min-data-rate", "1000", "--data-rate-grace", "1")
+    client = H2Client(server.port, window=0)
+    stream = client.request("GET", "/download?size=100000")
+    started = time.monotonic()
+    reply = client.response(stream)
+    assert reply.reset is not None and time.monotonic() - started < 10
+    assert "it reads the response too slowly" in server.log()
 
 
 def test_request_trailers_reach_the_guest(serve):

@@ -490,7 +490,6 @@ class Stream:
             if last:
                 self._sent_whole()
                 return
-        self.writing.reset()
         if self._ending:
             if self._trailers is not None:
                 conn.send_headers(self.stream_id, self._trailers, end_stream=True)
