@@ -140,22 +140,30 @@ def _number(pattern: str, text: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def _load_tool(argv: list[str], package: str) -> str:
+    """The output of a load generator; SetupError if it is missing or fails."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise SetupError(f"{argv[0]} is missing (apt-get install {package})") from None
+    except subprocess.CalledProcessError as exc:
+        raise SetupError(f"{argv[0]} failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
+
+
+def _megabytes(pattern: str, text: str) -> float:
+    """A transfer rate (number, unit) found in a tool's output, in MB/s."""
+    match = re.search(pattern, text)
+    return float(match.group(1)) * {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[match.group(2)]
+
+
 def wrk(url: str, seconds: float, connections: int = 16, headers: Mapping[str, str] = {}) -> Load:
     """Load ``url`` with wrk (2 threads) for ``seconds``, sending ``headers`` with each request."""
     fields = [f"-H{name}: {value}" for name, value in headers.items()]
-    try:
-        out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", *fields, url],
-                             capture_output=True, text=True, check=True).stdout
-    except FileNotFoundError:
-        raise SetupError("wrk is missing (apt-get install wrk)") from None
-    except subprocess.CalledProcessError as exc:
-        raise SetupError(f"wrk failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
-    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
-    scale = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[transfer.group(2)]
+    out = _load_tool(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", *fields, url], "wrk")
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return Load(requests=int(_number(r"(\d+) requests in", out)),
                 rps=_number(r"Requests/sec:\s+([\d.]+)", out),
-                mbps=float(transfer.group(1)) * scale,
+                mbps=_megabytes(r"Transfer/sec:\s+([\d.]+)(\w+)", out),
                 socket_errors=sum(map(int, sockets.groups())) if sockets else 0,
                 non_2xx=int(_number(r"Non-2xx or 3xx responses: (\d+)", out)))
 
@@ -167,19 +175,12 @@ def h2load(url: str, seconds: float, clients: int = 16, streams: int = 1,
     or, with ``http1``, HTTP/1.1."""
     argv = ["h2load", "-t2", f"-c{clients}", f"-m{streams}", f"-D{seconds:g}",
             "--warm-up-time=1", *(["--h1"] if http1 else []), url]
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    except FileNotFoundError:
-        raise SetupError("h2load is missing (apt-get install nghttp2-client)") from None
-    except subprocess.CalledProcessError as exc:
-        raise SetupError(f"h2load failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
-    transfer = re.search(r"finished in [\d.]+s, [\d.]+ req/s, ([\d.]+)(\w*B)/s", out)
-    scale = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[transfer.group(2)]
+    out = _load_tool(argv, "nghttp2-client")
     done = int(_number(r"requests: \d+ total, \d+ started, (\d+) done", out))
     return Load(requests=done, rps=_number(r"finished in [\d.]+s, ([\d.]+) req/s", out),
-                mbps=float(transfer.group(1)) * scale,
+                mbps=_megabytes(r"finished in [\d.]+s, [\d.]+ req/s, ([\d.]+)(\w*B)/s", out),
                 socket_errors=int(_number(r"(\d+) errored", out) + _number(r"(\d+) timeout", out)),
-                non_2xx=done - int(_number(r"status codes: (\d+) 2xx", out)))
+                non_2xx=int(_number(r"(\d+) 4xx", out) + _number(r"(\d+) 5xx", out)))
 
 
 def certificate(directory: Path) -> tuple[Path, Path]:
