@@ -444,7 +444,8 @@ class Stream:
                 raise ValueError("more body than the response's content-length")
             self._left -= len(data)
         self._pending += data
-        self.push()
+        if len(self._pending) >= self.session.h2.max_outbound_frame_size:
+            self.push()  # (less waits for the end or a flush: one DATA frame may end the stream)
 
     def takes_pipe(self) -> bool:
         return False
