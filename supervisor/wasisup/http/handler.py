@@ -22,7 +22,12 @@ from ..wasi.abi import Err, Trap
 from ..wasi.http import Fields, IncomingRequest, OutgoingResponse, ResponseOutparam, attach_body
 from ..wasi.io import READABLE, WRITABLE, Interest, IoError, StreamClosed, StreamFailed
 from .connection import Connection, http_date
+from .http2 import Stream
 from .request_head import RequestHead
+
+# Whom a guest call answers: an HTTP/1.1 connection's current request, or an HTTP/2 stream
+# (each offers the request body as a byte source and takes the response the same way).
+Client = Connection | Stream
 
 log = logging.getLogger("wasisup.request")
 access_log = logging.getLogger("gunicorn.access")  # gunicorn routes it to --access-logfile
@@ -50,7 +55,7 @@ class ResponseWriter:
     when that is full the guest waits (poll) for the client to read, at a minimum data rate.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Client) -> None:
         self.conn = conn
         self.state = "pending"  # -> "streaming" -> "done" | "aborted"
         self.status = 0
@@ -233,7 +238,7 @@ class GuestCall:
     ``cancel`` if the client goes away meanwhile.
     """
 
-    def __init__(self, handler: GuestHandler, conn: Connection, request: RequestHead) -> None:
+    def __init__(self, handler: GuestHandler, conn: Client, request: RequestHead) -> None:
         self.handler = handler
         self.conn = conn
         self.request = request
@@ -375,7 +380,7 @@ class GuestCall:
             handler.on_request()
 
 
-def _peer(conn: Connection) -> str:
+def _peer(conn: Client) -> str:
     peer = conn.peer
     return peer[0] if isinstance(peer, tuple) else str(peer or "-")
 

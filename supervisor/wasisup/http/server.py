@@ -38,7 +38,7 @@ from typing import Callable, Optional
 from ..loop import CLOSED, IN, OUT, Loop, Timer
 from ..wasi.io import READABLE, WRITABLE
 from .connection import ClientGone, Connection
-from .handler import GuestCall, GuestHandler
+from .handler import Client, GuestCall, GuestHandler
 from .http2 import Http2Settings, Session, Stream
 from .request_head import BadRequest, Limits, RequestHead
 from .tls import TlsContext, looks_like_plain_http
@@ -138,9 +138,8 @@ class ServerLoop:
         self.loop = Loop()
         self.connections: dict[int, Connection] = {}
         self.sessions: dict[Connection, Session] = {}  # the HTTP/2 connections
-        self.calls: dict[Connection | Stream, GuestCall] = {}  # in flight
-        # Waiting for admission:
-        self.queued: deque[tuple[Connection | Stream, RequestHead]] = deque()
+        self.calls: dict[Client, GuestCall] = {}  # in flight
+        self.queued: deque[tuple[Client, RequestHead]] = deque()  # waiting for admission
         self._waits: dict[GuestCall, _Wait] = {}  # what each suspended call waits for
         self._accepting = False
         self._deferred_at = -math.inf  # when the loop last left a new connection to the others
@@ -391,7 +390,7 @@ class ServerLoop:
                 self.sessions[conn].sweep(now)
 
     # -- guest calls
-    def _dispatch(self, conn: Connection | Stream, request: RequestHead) -> None:
+    def _dispatch(self, conn: Client, request: RequestHead) -> None:
         """A complete request: its guest call starts next if the loop has room (after the
         work already waiting to run), else in turn."""
         conn.state = "request"
@@ -402,7 +401,7 @@ class ServerLoop:
         else:
             self.queued.append((conn, request))
 
-    def _admit(self, conn: Connection | Stream, request: RequestHead) -> None:
+    def _admit(self, conn: Client, request: RequestHead) -> None:
         if isinstance(conn, Stream) and conn.lost_reason:  # (reset while it waited)
             conn.session.finish(conn)
             return
