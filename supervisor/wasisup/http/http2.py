@@ -304,7 +304,7 @@ class Session:
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.h2.highest_inbound_stream_id
         frame.error_code = ErrorCodes.NO_ERROR
-        self.h2._data_to_send += frame.serialize()  # (h2 writes its own frames there too)
+        self.conn.out += self.h2.data_to_send() + frame.serialize()  # (after h2's own frames)
         self._count_goaway(ErrorCodes.NO_ERROR)
         self.flush()
 
