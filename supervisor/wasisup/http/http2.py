@@ -81,6 +81,7 @@ class Session:
         self.on_request = on_request  # a stream's request head is complete
         self.on_end = on_end  # the session is over: the loop sends what is left and closes
         self.streams: dict[int, Stream] = {}  # those with a guest call, or a response to send
+        self.blocked: set[Stream] = set()  # those waiting for a window or for room to write
         self.draining = False  # a GOAWAY went out: no new streams
         self.ended = False
         self._budget = float(FLOOD_BURST)
@@ -249,7 +250,8 @@ class Session:
             stream.body.ended()
 
     def _signal_writers(self) -> None:
-        for stream in self.streams.values():
+        blocked, self.blocked = self.blocked, set()
+        for stream in blocked:
             stream.window_opened()
 
     # -- the streams' ends
@@ -290,6 +292,7 @@ class Session:
             pass  # (closed on both sides already)
 
     def _forget(self, stream: "Stream") -> None:
+        self.blocked.discard(stream)
         if self.streams.pop(stream.stream_id, None) is not None and not self.streams:
             self.conn.idle_since = time.monotonic()
 
@@ -432,7 +435,10 @@ class Stream:
         if self.lost_reason:
             return OUT_HIGH_WATER  # (a write finds out)
         window = self.session.h2.local_flow_control_window(self.stream_id)
-        return max(0, min(window - len(self._pending), self.session.room()))
+        room = min(window - len(self._pending), self.session.room())
+        if room <= 0:
+            self.session.blocked.add(self)
+        return max(0, room)
 
     def send_body(self, data: bytes | memoryview) -> None:
         if self.lost_reason:
@@ -482,6 +488,7 @@ class Stream:
                        conn.max_outbound_frame_size)
             if size <= 0:
                 self.writing.waiting(time.monotonic())
+                self.session.blocked.add(self)
                 return
             piece = bytes(self._pending[:size])
             del self._pending[:size]
