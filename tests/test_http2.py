@@ -19,7 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import (ContinuationFrame, GoAwayFrame, HeadersFrame, RstStreamFrame,
+                              SettingsFrame)
 
 from conftest import free_port, metrics_text, upstream_peak, wait_until
 from h2client import H2Client
@@ -159,6 +160,19 @@ def test_a_drain_sends_goaway_and_open_streams_finish(serve, upstream, signum):
         assert server.proc.wait(30) == 0
     else:  # the new worker serves
         assert H2Client(server.port).get("/healthz").body == b"ok\n"
+
+
+def test_a_client_goaway_lets_its_open_streams_finish(serve, upstream):
+    server = serve("proxy", "-w", "1", *H2C, "--env", f"UPSTREAM={upstream}")
+    client = H2Client(server.port)
+    stream = client.request("GET", "/slow?seconds=1&group=h2client-goaway")
+    wait_until(lambda: upstream_peak(upstream, "h2client-goaway") == 1, what="the stream upstream")
+    goaway = GoAwayFrame(0)  # (raw: h2's own client would stop reading after sending it)
+    goaway.last_stream_id, goaway.error_code = 0, ErrorCodes.NO_ERROR
+    client.send(frames(goaway))
+    reply = client.response(stream)
+    assert reply.status == 200 and reply.ended
+    client.until_closed()  # (no streams left: the server closes)
 
 
 def test_max_concurrent_streams_is_at_most_the_admission_limit(serve):

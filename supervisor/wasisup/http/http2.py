@@ -123,6 +123,7 @@ class Session:
                 self._lost("the client closed the connection")
                 return
             got += len(data)
+            conn.out += self.h2.data_to_send()  # (h2 drops what it holds when a GOAWAY comes)
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:  # (h2 put a GOAWAY out)
@@ -197,8 +198,13 @@ class Session:
             self._spend()
             self._signal_writers()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            # (h2 sends nothing more after a GOAWAY: the open streams cannot be answered)
-            self._lost(f"the client closed the connection ({event.error_code!r})")
+            if event.error_code != ErrorCodes.NO_ERROR:
+                self._lost(f"the client ended the connection ({event.error_code!r})")
+                return
+            # A graceful GOAWAY (a proxy draining its connections): no new streams, the open
+            # ones are answered. h2 would send nothing more: its state machine is reopened.
+            self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+            self.draining = True
         elif isinstance(event, (h2.events.PingReceived, h2.events.PriorityUpdated,
                                 h2.events.UnknownFrameReceived)):
             self._spend()
