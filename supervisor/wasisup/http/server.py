@@ -1,4 +1,5 @@
-"""The worker's HTTP server (HTTP/1.1, and HTTP/2 in ``http2``): event loops that own the connections and drive the guests.
+"""The worker's HTTP server: event loops that own the connections (HTTP/1.1 here, HTTP/2's
+sessions in ``http2``) and drive the guests.
 
 A worker runs ``threads`` loops (the main thread's and one thread each for the others); each
 owns the connections it accepted. A loop accepts from the shared listening sockets, reads
