@@ -33,12 +33,12 @@ def curl(*args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def tls_options(tmp_path: Path, pki: dict[str, Path]) -> tuple[str, ...]:
+def tls_options(pki: dict[str, Path]) -> tuple[str, ...]:
     return ("--certfile", str(pki["server_cert"]), "--keyfile", str(pki["server_key"]))
 
 
-def test_curl_negotiates_h2_by_alpn_over_tls(serve, pki, tmp_path):
-    server = serve("echo", *tls_options(tmp_path, pki))
+def test_curl_negotiates_h2_by_alpn_over_tls(serve, pki):
+    server = serve("echo", *tls_options(pki))
     url = f"https://localhost:{server.port}/alpn?x=1"
     version = ["--cacert", str(pki["ca"]), "-o", "/dev/null", "-w", "%{http_version}"]
     assert curl("--http2", *version, url).stdout == b"2"
@@ -49,8 +49,8 @@ def test_curl_negotiates_h2_by_alpn_over_tls(serve, pki, tmp_path):
     assert answer["scheme"] == "Https" and answer["authority"] == f"localhost:{server.port}"
 
 
-def test_http1_only_offers_no_h2(serve, pki, tmp_path):
-    server = serve("echo", "--http-protocols", "h1", *tls_options(tmp_path, pki))
+def test_http1_only_offers_no_h2(serve, pki):
+    server = serve("echo", "--http-protocols", "h1", *tls_options(pki))
     result = curl("--http2", "--cacert", str(pki["ca"]), "-o", "/dev/null", "-w",
                   "%{http_version}", f"https://localhost:{server.port}/")
     assert result.stdout == b"1.1"
@@ -245,11 +245,11 @@ def grpc_calls(channel: grpc.Channel) -> None:
     assert failed.value.details() == "no greeting for fail"
 
 
-def test_grpcio_calls_a_grpc_guest_over_h2c_and_tls(serve, pki, tmp_path):
+def test_grpcio_calls_a_grpc_guest_over_h2c_and_tls(serve, pki):
     cleartext = serve("grpc", *H2C)
     with grpc.insecure_channel(f"127.0.0.1:{cleartext.port}") as channel:
         grpc_calls(channel)
-    secure = serve("grpc", *tls_options(tmp_path, pki), "--max-instance-reuse", "100")
+    secure = serve("grpc", *tls_options(pki), "--max-instance-reuse", "100")
     credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
     with grpc.secure_channel(f"localhost:{secure.port}", credentials) as channel:
         grpc_calls(channel)
