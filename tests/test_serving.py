@@ -190,6 +190,12 @@ def test_precompiled_cwasm_is_served(serve, tmp_path):
     (["-w", "many", "{hello}"], "give a whole number"),
     (["--max-memory", "lots", "{hello}"], "not a size"),
     (["--no-such-flag", "{hello}"], "unrecognized arguments"),
+    (["--http-protocols", "h3", "{hello}"], "not a list of protocols"),
+    (["--http2-cleartext", "upgrade", "{hello}"], "not off or prior-knowledge"),
+    (["--http2-cleartext", "prior-knowledge", "--http-protocols", "h1", "{hello}"],
+     "add h2 to it"),
+    (["--http2-cleartext", "prior-knowledge", "--certfile", str(ROOT / "README.md"), "{hello}"],
+     "HTTP/2 is chosen by ALPN"),
     ([], "no COMPONENT"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
