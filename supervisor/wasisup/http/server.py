@@ -256,8 +256,8 @@ class ServerLoop:
         session.start()
 
     def _end_http2(self, conn: Connection) -> None:
-        del self.sessions[conn]
-        self._flush(conn)
+        if self.sessions.pop(conn, None) is not None:  # (not if the loop closed it already)
+            self._flush(conn)
 
     def _accept_delay(self) -> float:
         if self.server.alone:
