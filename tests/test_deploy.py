@@ -132,6 +132,11 @@ def image() -> str:
     subprocess.run(["docker", "build", "--network", "host", "-f", "deploy/Dockerfile",
                     "--build-arg", f"BASE={BASE_IMAGE}", "-t", IMAGE, "."],
                    cwd=ROOT, check=True, timeout=1800)
+    # The previous builds' images, and the build stage's, are left untagged: gone (with the vfs
+    # storage driver every one is a full copy, and runs after runs fill the disk).
+    subprocess.run(["docker", "image", "prune", "-f", "--filter",
+                    "label=org.opencontainers.image.title=wasisup"], check=True, timeout=600,
+                   capture_output=True)
     return IMAGE
 
 
