@@ -21,6 +21,7 @@ import ssl
 import struct
 import termios
 import time
+from collections import deque
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
@@ -68,8 +69,9 @@ class MinDataRate:
         if self._window is None and self.quota:
             self._window, self._base = now, self.progress()
 
-    def deadline(self) -> Optional[float]:
-        return None if self._window is None else self._window + self.grace
+    def deadline(self) -> Optional[int]:
+        """When the current window ends, in monotonic ns (what a guest's waiter takes)."""
+        return None if self._window is None else int((self._window + self.grace) * 1e9)
 
     def expired(self, now: float) -> bool:
         """Has the client moved too little in the window that ended? (If it moved enough, a
@@ -422,7 +424,7 @@ class ClientBody:
         self.limit = limit
         self.received = 0
         self.fault: Optional[tuple[int, str]] = None  # what the client got wrong: (status, reason)
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
         self._done = conn.h11.their_state is not h11.SEND_BODY
         self._trailers: Optional[list[tuple[bytes, bytes]]] = None
         self._error: Optional[IoError] = None
@@ -483,17 +485,12 @@ class ClientBody:
 
     @property
     def deadline(self) -> Optional[int]:
-        deadline = self.conn.reading.deadline()
-        return None if deadline is None else int(deadline * 1e9)
+        return self.conn.reading.deadline()
 
     def read(self, size: int) -> bytes:
         self._pull()
         if self._chunks:
-            chunk = self._chunks.pop(0)
-            if len(chunk) > size:
-                self._chunks.insert(0, chunk[size:])
-                chunk = chunk[:size]
-            return chunk
+            return take(self._chunks, size)
         if self._error is not None:
             raise StreamFailed(self._error)
         if self._done:
@@ -505,6 +502,15 @@ class ClientBody:
 
     def close(self) -> None:
         """The guest is done with the body; the server drains or closes what is left."""
+
+
+def take(chunks: deque[bytes], size: int) -> bytes:
+    """The next bytes of a non-empty queue of chunks, at most ``size`` of them."""
+    chunk = chunks.popleft()
+    if len(chunk) > size:
+        chunks.appendleft(chunk[size:])
+        chunk = chunk[:size]
+    return chunk
 
 
 def _send_queue(fd: int, request: int) -> int:

@@ -101,8 +101,7 @@ class ResponseWriter:
 
     @property
     def deadline(self) -> Optional[int]:
-        deadline = self.conn.writing.deadline()
-        return None if deadline is None else int(deadline * 1e9)
+        return self.conn.writing.deadline()
 
     def _too_slow(self) -> bool:
         if not self.conn.writing.expired(time.monotonic()):

@@ -39,7 +39,7 @@ from hyperframe.frame import GoAwayFrame
 
 from ..loop import CLOSED, IN, OUT, Loop
 from ..wasi.io import READABLE, Interest, IoError, StreamClosed, StreamFailed
-from .connection import OUT_HIGH_WATER, Connection, MinDataRate, declared_length
+from .connection import OUT_HIGH_WATER, Connection, MinDataRate, declared_length, take
 from .request_head import (BadRequest, Limits, RequestHead, check_authority,
                            check_content_length, check_fields, clean_trailers)
 
@@ -598,15 +598,11 @@ class StreamBody:
 
     @property
     def deadline(self) -> Optional[int]:
-        deadline = self.reading.deadline()
-        return None if deadline is None else int(deadline * 1e9)
+        return self.reading.deadline()
 
     def read(self, size: int) -> bytes:
         if self._chunks:
-            chunk = self._chunks.popleft()
-            if len(chunk) > size:
-                self._chunks.appendleft(chunk[size:])
-                chunk = chunk[:size]
+            chunk = take(self._chunks, size)
             self._unread -= len(chunk)
             self.stream.session.h2.acknowledge_received_data(len(chunk), self.stream.stream_id)
             if not self._chunks:
