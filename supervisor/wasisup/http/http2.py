@@ -41,7 +41,7 @@ from ..loop import CLOSED, IN, OUT, Loop
 from ..wasi.io import READABLE, Interest, IoError, StreamClosed, StreamFailed
 from .connection import OUT_HIGH_WATER, Connection, MinDataRate, declared_length, take
 from .request_head import (BadRequest, Limits, RequestHead, check_authority,
-                           check_content_length, check_fields, clean_trailers)
+                           check_content_length, check_fields, clean_trailers, host_field)
 
 log = logging.getLogger("wasisup.http2")
 
@@ -412,10 +412,8 @@ class Stream:
     def window_opened(self) -> None:
         if not self.call_over:
             self.session.loop.signal(self.fd, OUT)
-        elif not self.finished and not self.lost_reason:
-            self.push()  # (the rest of a response whose call is over)
-            if self.finished:
-                self.session.stream_sent(self)
+        else:
+            self.push()  # (the rest of a response whose call is over; once whole, stream_sent)
 
     # -- the response
     def start_response(self, status: int, headers: list[tuple[str, bytes]]) -> None:
@@ -635,8 +633,7 @@ def request_head(headers: list[tuple[bytes, bytes]], limits: Limits) -> RequestH
     check_fields(fields, limits)
     check_content_length([value for name, value in fields if name == b"content-length"], limits)
     method = pseudo[b":method"]
-    authority = pseudo.get(b":authority") or next(
-        (value for name, value in fields if name == b"host"), None)
+    authority = pseudo.get(b":authority") or host_field(fields)
     check_authority(authority)
     authority_text = authority.decode("ascii") if authority is not None else None
     if method == b"CONNECT":

@@ -91,7 +91,8 @@ def header_fields(request: h11.Request) -> list[tuple[bytes, bytes]]:
     return [(name.lower(), value) for name, value in request.headers.raw_items()]
 
 
-def _host(fields: list[tuple[bytes, bytes]]) -> Optional[bytes]:
+def host_field(fields: list[tuple[bytes, bytes]]) -> Optional[bytes]:
+    """The request's Host field, if it has one."""
     return next((value for name, value in fields if name == b"host"), None)
 
 
@@ -113,7 +114,7 @@ def check_head(request: h11.Request, head: bytes, limits: Limits) -> RequestHead
     if b"transfer-encoding" in names and b"content-length" in names:
         raise BadRequest(400, "both Content-Length and Transfer-Encoding")
     check_content_length(_field_values(lines, b"content-length"), limits)
-    host = _host(fields)
+    host = host_field(fields)
     check_authority(host)
     path_with_query, authority = request_target(request, host)
     keep_alive = request.http_version == b"1.1" and not any(
