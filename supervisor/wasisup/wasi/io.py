@@ -247,6 +247,7 @@ class OutputStream(Resource):
     def __init__(self, sink: ByteSink, waiter: Waiter) -> None:
         self.sink = sink
         self.waiter = waiter
+        self._permitted = 0  # what the last check-write allowed and was not written yet
 
     def _capacity(self, limit: int) -> int:
         try:
@@ -255,16 +256,22 @@ class OutputStream(Resource):
             raise _stream_error(exc) from None
 
     def check_write(self) -> int:
-        return self._capacity(WRITE_BUDGET)
+        self._permitted = self._capacity(WRITE_BUDGET)
+        return self._permitted
 
     def _put(self, data: bytes | memoryview) -> None:
+        self._permitted = max(0, self._permitted - len(data))
         try:
             self.sink.write(data)
         except (StreamClosed, StreamFailed) as exc:
             raise _stream_error(exc) from None
 
     def write(self, data: bytes) -> None:
-        if len(data) > self.check_write():
+        # What check-write permitted is a promise, kept even if the sink's room shrank since
+        # (an HTTP/2 stream shares its connection's output, which the loop may fill while an
+        # epoch yield holds the guest between the two calls).
+        capacity = self._capacity(WRITE_BUDGET)  # (a stream that closed says so)
+        if len(data) > max(capacity, self._permitted):
             raise Trap("write exceeds what check-write permitted")
         self._put(data)
 
